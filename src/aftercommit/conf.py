@@ -1,0 +1,154 @@
+"""Settings: the ``AFTERCOMMIT`` dict in Django settings, read each time a value is used.
+
+Every key is optional. Values are checked when read, so a typo or a wrong type is reported with the
+key's name and what it expects instead of failing somewhere deep in the relay.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from django.conf import settings as django_settings
+
+from .exceptions import ImproperlyConfigured
+
+
+@dataclass(frozen=True)
+class Setting:
+    default: Any
+    kind: type | tuple[type, ...]
+    help: str
+    choices: tuple[Any, ...] | None = None
+    minimum: float | None = None
+
+
+SETTINGS: dict[str, Setting] = {
+    "GUARD": Setting(
+        "warn",
+        str,
+        "What to do when plain Celery publishes inside an open transaction.",
+        choices=("off", "warn", "raise"),
+    ),
+    "CELERY_APP": Setting(
+        None,
+        (str, type(None)),
+        "Dotted path of the Celery app the relay publishes with, e.g. 'proj.celery:app' (None: "
+        "Celery's current app, the one your project's __init__ imports).",
+    ),
+    "DATABASES": Setting(
+        None,
+        (list, tuple, type(None)),
+        "Aliases whose outbox the relay, status and purge look at (None: every alias where the "
+        "outbox table may be migrated).",
+    ),
+    "PUBLISHER": Setting(
+        True,
+        bool,
+        "Send committed messages at once from a background thread of the process that recorded "
+        "them. False leaves every message to the relay.",
+    ),
+    "GRACE_PERIOD": Setting(
+        10.0,
+        (int, float),
+        "Seconds a committed message may stay unsent before the relay takes it over.",
+        minimum=0,
+    ),
+    "MAX_ATTEMPTS": Setting(
+        10, int, "Failed sends of one message before it becomes a dead letter.", minimum=1
+    ),
+    "BACKOFF_BASE": Setting(
+        1.0, (int, float), "First retry delay in seconds; it doubles each attempt.", minimum=0
+    ),
+    "BACKOFF_MAX": Setting(300.0, (int, float), "Longest retry delay in seconds.", minimum=0),
+    "BROKER_BACKOFF_MAX": Setting(
+        30.0,
+        (int, float),
+        "Longest pause in seconds between relay attempts while the broker is unreachable.",
+        minimum=0,
+    ),
+    "LEASE": Setting(
+        60.0,
+        (int, float),
+        "Seconds a relay owns the messages it claimed; after that another relay may take them.",
+        minimum=1,
+    ),
+    "BATCH_SIZE": Setting(500, int, "Messages claimed and sent per relay batch.", minimum=1),
+    "POLL_INTERVAL": Setting(
+        1.0, (int, float), "Seconds the relay sleeps when nothing is due.", minimum=0.01
+    ),
+    "MAX_PAYLOAD_BYTES": Setting(
+        256 * 1024,
+        int,
+        "Largest encoded arguments a message may carry; larger ones are refused at the call.",
+        minimum=1,
+    ),
+    "RETENTION": Setting(
+        7 * 24 * 3600.0,
+        (int, float),
+        "Seconds sent messages are kept before purge deletes them. Dead letters are kept.",
+        minimum=0,
+    ),
+    "PURGE_BATCH_SIZE": Setting(
+        1000, int, "Rows deleted per statement by purge, to keep locks short.", minimum=1
+    ),
+    "EXIT_FLUSH_TIMEOUT": Setting(
+        5.0,
+        (int, float),
+        "Seconds a process waits at exit for its publisher to send what it holds.",
+        minimum=0,
+    ),
+}
+
+
+class Settings:
+    """Typed access to ``settings.AFTERCOMMIT``; nothing is cached, tests may override at will."""
+
+    def _raw(self) -> dict[str, Any]:
+        raw = getattr(django_settings, "AFTERCOMMIT", None) or {}
+        if not isinstance(raw, dict):
+            raise ImproperlyConfigured(
+                f"settings.AFTERCOMMIT must be a dict, not {type(raw).__name__}."
+            )
+        unknown = sorted(set(raw) - set(SETTINGS))
+        if unknown:
+            raise ImproperlyConfigured(
+                f"Unknown key(s) in settings.AFTERCOMMIT: {', '.join(unknown)}. "
+                f"Known keys: {', '.join(sorted(SETTINGS))}."
+            )
+        return raw
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            spec = SETTINGS[name]
+        except KeyError:
+            raise AttributeError(name) from None
+        raw = self._raw()
+        if name not in raw:
+            return spec.default
+        value = raw[name]
+        ok = isinstance(value, spec.kind) and not (
+            isinstance(value, bool) and spec.kind in (int, (int, float))
+        )
+        if not ok:
+            expected = (
+                " or ".join(k.__name__ for k in spec.kind)
+                if isinstance(spec.kind, tuple)
+                else spec.kind.__name__
+            )
+            raise ImproperlyConfigured(
+                f"settings.AFTERCOMMIT[{name!r}] must be {expected}, got {value!r}. {spec.help}"
+            )
+        if spec.choices is not None and value not in spec.choices:
+            raise ImproperlyConfigured(
+                f"settings.AFTERCOMMIT[{name!r}] must be one of "
+                f"{', '.join(map(repr, spec.choices))}, got {value!r}."
+            )
+        if spec.minimum is not None and value < spec.minimum:
+            raise ImproperlyConfigured(
+                f"settings.AFTERCOMMIT[{name!r}] must be at least {spec.minimum}, got {value!r}."
+            )
+        return value
+
+
+settings = Settings()

@@ -1,0 +1,182 @@
+"""The outbox table and the operations on it, as SQL the publisher and the relay call by name.
+
+A message is a row: recorded in the caller's transaction, sent after commit, marked sent. ``due_at``
+is the one clock the relay reads: for a fresh row it is "created + grace period" (the in-process
+publisher should have sent it by then), for a claimed row the end of the claimer's lease, for a failed
+row the time of its next attempt. Every relay query is a range scan of ``(status, due_at)``, so the
+cost of finding due work does not grow with the millions of sent rows kept for retention.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from django.db import IntegrityError, models, transaction
+from django.db.models import Count, Min, Q
+from django.utils import timezone
+
+
+class Status(models.IntegerChoices):
+    PENDING = 0, "pending"
+    SENT = 1, "sent"
+    DEAD = 2, "dead"
+
+
+class OutboxMessageQuerySet(models.QuerySet["OutboxMessage"]):
+    def pending(self) -> OutboxMessageQuerySet:
+        return self.filter(status=Status.PENDING)
+
+    def due(self, now: dt.datetime) -> OutboxMessageQuerySet:
+        return self.filter(status=Status.PENDING, due_at__lte=now).order_by("due_at", "id")
+
+    def claim(self, *, limit: int, lease_until: dt.datetime, now: dt.datetime) -> list[OutboxMessage]:
+        """Take up to ``limit`` due messages for this caller until ``lease_until``.
+
+        One short transaction: rows locked by another claimer are skipped, never waited on, and the
+        lease is written before the locks are released, so two relays never hold the same row.
+        Backends without SKIP LOCKED (SQLite) must hold the single-claimer lease (see Lease).
+        """
+        alias = self.db
+        with transaction.atomic(using=alias):
+            qs = self.due(now)
+            if self._skip_locked_supported():
+                qs = qs.select_for_update(skip_locked=True)
+            rows = list(qs[:limit])
+            if rows:
+                self.model.objects.using(alias).filter(id__in=[r.id for r in rows]).update(
+                    due_at=lease_until
+                )
+        return rows
+
+    def _skip_locked_supported(self) -> bool:
+        from django.db import connections
+
+        return bool(connections[self.db].features.has_select_for_update_skip_locked)
+
+    def mark_sent(self, ids: Sequence[int], now: dt.datetime) -> int:
+        """One UPDATE for a whole batch. Only pending rows change: a dead letter stays dead."""
+        if not ids:
+            return 0
+        return self.filter(id__in=ids, status=Status.PENDING).update(
+            status=Status.SENT, sent_at=now, last_error=""
+        )
+
+    def reschedule(self, ids: Sequence[int], due_at: dt.datetime) -> int:
+        """Hand claimed rows back, untouched otherwise (a broker outage costs no attempt)."""
+        if not ids:
+            return 0
+        return self.filter(id__in=ids, status=Status.PENDING).update(due_at=due_at)
+
+    def record_failure(
+        self, message_id: int, *, attempts: int, error: str, due_at: dt.datetime, dead: bool
+    ) -> int:
+        return self.filter(id=message_id, status=Status.PENDING).update(
+            attempts=attempts,
+            last_error=error[:4000],
+            due_at=due_at,
+            status=Status.DEAD if dead else Status.PENDING,
+        )
+
+    def retry_dead(self, now: dt.datetime) -> int:
+        """Give dead letters a fresh set of attempts, due at once."""
+        return self.filter(status=Status.DEAD).update(status=Status.PENDING, attempts=0, due_at=now)
+
+    def purge_sent(self, *, before: dt.datetime, batch_size: int) -> int:
+        """Delete sent rows older than ``before`` in small batches, each its own transaction."""
+        total = 0
+        while True:
+            ids = list(
+                self.filter(status=Status.SENT, due_at__lt=before)
+                .order_by("status", "due_at")
+                .values_list("id", flat=True)[:batch_size]
+            )
+            if not ids:
+                return total
+            deleted, _ = self.model.objects.using(self.db).filter(id__in=ids).delete()
+            total += deleted
+
+    def summary(self, now: dt.datetime) -> dict[str, Any]:
+        """Backlog figures that read only pending and dead rows (an index range each)."""
+        pending = self.filter(status=Status.PENDING).aggregate(
+            backlog=Count("id"),
+            retrying=Count("id", filter=Q(attempts__gt=0)),
+            oldest=Min("created_at"),
+        )
+        dead = self.filter(status=Status.DEAD).count()
+        oldest = pending["oldest"]
+        return {
+            "backlog": pending["backlog"],
+            "retrying": pending["retrying"],
+            "dead": dead,
+            "oldest_pending_age": (now - oldest).total_seconds() if oldest else None,
+        }
+
+
+class OutboxMessage(models.Model):
+    """One task call, recorded in the transaction that made it."""
+
+    id = models.BigAutoField(primary_key=True)
+    message_id = models.UUIDField(
+        unique=True, editable=False, help_text="The Celery task id of the message."
+    )
+    task_name = models.CharField(max_length=255)
+    payload = models.TextField(help_text="The task's args and kwargs, encoded by its serializer.")
+    content_type = models.CharField(max_length=100)
+    content_encoding = models.CharField(max_length=32)
+    options = models.TextField(help_text="The call's send options (queue, countdown, ...), JSON.")
+    status = models.PositiveSmallIntegerField(choices=Status.choices, default=Status.PENDING)
+    created_at = models.DateTimeField()
+    due_at = models.DateTimeField(
+        help_text="When the relay may take this message: grace end, lease end or next retry."
+    )
+    sent_at = models.DateTimeField(null=True, blank=True)
+    attempts = models.PositiveIntegerField(default=0)
+    last_error = models.TextField(blank=True, default="")
+
+    objects = OutboxMessageQuerySet.as_manager()
+
+    class Meta:
+        verbose_name = "outbox message"
+        indexes = [models.Index(fields=["status", "due_at"], name="aftercommit_status_due")]
+
+    def __str__(self) -> str:
+        return f"{self.task_name} [{self.message_id}]"
+
+
+class LeaseQuerySet(models.QuerySet["Lease"]):
+    def acquire(self, name: str, holder: str, *, until: dt.datetime, now: dt.datetime) -> bool:
+        """Take or renew the named lease; True when ``holder`` owns it until ``until``."""
+        taken = (
+            self.filter(name=name)
+            .filter(Q(holder=holder) | Q(expires_at__lte=now))
+            .update(holder=holder, expires_at=until)
+        )
+        if taken:
+            return True
+        try:
+            with transaction.atomic(using=self.db):
+                self.create(name=name, holder=holder, expires_at=until)
+        except IntegrityError:  # someone else created it first: they hold it
+            return False
+        return True
+
+    def release(self, name: str, holder: str) -> None:
+        self.filter(name=name, holder=holder).update(expires_at=timezone.now())
+
+    def alive(self, prefix: str, now: dt.datetime) -> Iterable[Lease]:
+        return self.filter(name__startswith=prefix, expires_at__gt=now)
+
+
+class Lease(models.Model):
+    """A named, expiring claim: the SQLite relay's single-claimer lock and each relay's heartbeat."""
+
+    name = models.CharField(max_length=200, primary_key=True)
+    holder = models.CharField(max_length=200)
+    expires_at = models.DateTimeField()
+
+    objects = LeaseQuerySet.as_manager()
+
+    def __str__(self) -> str:
+        return f"{self.name} held by {self.holder} until {self.expires_at}"

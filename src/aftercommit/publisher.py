@@ -1,0 +1,299 @@
+"""Outbox rows to Celery messages to the broker, then marked sent: the one path both the in-process
+publisher (right after commit) and the relay (later, for what the publisher could not send) use.
+"""
+
+from __future__ import annotations
+
+import atexit
+import datetime as dt
+import logging
+import os
+import threading
+import time
+from collections import deque
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from celery import Celery
+from django.db import connections
+from django.utils import timezone
+from kombu import Connection
+
+from .conf import settings
+from .dispatch import decode_arguments, decode_options
+from .models import OutboxMessage
+
+logger = logging.getLogger("aftercommit.publisher")
+
+
+class BrokerUnavailable(Exception):
+    """The broker could not be reached; the messages themselves are fine."""
+
+
+@dataclass
+class Outcome:
+    """What became of a batch: sent, failed for a reason of their own, or not tried (broker down)."""
+
+    sent: list[OutboxMessage] = field(default_factory=list)
+    failed: list[tuple[OutboxMessage, BaseException]] = field(default_factory=list)
+    unsent: list[OutboxMessage] = field(default_factory=list)
+    broker_error: BaseException | None = None
+
+
+class Channel:
+    """One held broker connection and producer, owned by one thread."""
+
+    def __init__(self, app: Celery) -> None:
+        self.app = app
+        self.connection: Connection | None = None
+        self.producer: Any = None
+
+    def open(self) -> Any:
+        if self.producer is None:
+            connection = self.app.connection_for_write()
+            try:
+                connection.ensure_connection(max_retries=1)
+            except Exception as exc:
+                self._discard(connection)
+                raise BrokerUnavailable(str(exc)) from exc
+            self.connection = connection
+            self.producer = self.app.amqp.Producer(connection, auto_declare=False)
+        return self.producer
+
+    def reset(self) -> None:
+        connection, self.connection, self.producer = self.connection, None, None
+        if connection is not None:
+            self._discard(connection)
+
+    @staticmethod
+    def _discard(connection: Connection) -> None:
+        try:
+            connection.close()
+        except Exception:  # a dead connection may fail to close; it is gone either way
+            logger.debug("closing a broken broker connection failed", exc_info=True)
+
+    def broker_errors(self) -> tuple[type[BaseException], ...]:
+        connection = self.connection or self.app.connection_for_write()
+        from kombu.exceptions import OperationalError
+
+        return (
+            OperationalError,
+            ConnectionError,
+            TimeoutError,
+            OSError,
+            *connection.connection_errors,
+            *connection.channel_errors,
+        )
+
+
+def _send_time_options(message: OutboxMessage, options: dict[str, Any]) -> dict[str, Any]:
+    """Relative times count from the commit (or, for the relay, the row's creation)."""
+    base_ts = getattr(message, "committed_at", None)
+    base = (
+        dt.datetime.fromtimestamp(base_ts, tz=dt.timezone.utc)
+        if base_ts is not None
+        else _aware(message.created_at)
+    )
+    countdown = options.pop("countdown", None)
+    if countdown:
+        options["eta"] = base + dt.timedelta(seconds=countdown)
+    expires = options.get("expires")
+    if isinstance(expires, (int, float)) and not isinstance(expires, bool):
+        options["expires"] = base + dt.timedelta(seconds=expires)
+    return options
+
+
+def _aware(value: dt.datetime) -> dt.datetime:
+    if timezone.is_naive(value):
+        return timezone.make_aware(value, dt.timezone.utc)
+    return value
+
+
+def send(app: Celery, messages: Sequence[OutboxMessage], channel: Channel) -> Outcome:
+    """Publish ``messages`` in order with one producer. Stops at the first broker error."""
+    outcome = Outcome()
+    errors = channel.broker_errors()
+    pending = deque(messages)
+    reconnected = False
+    while pending:
+        message = pending[0]
+        try:
+            producer = channel.open()
+            args, kwargs = decode_arguments(message)
+            options = _send_time_options(message, decode_options(message))
+        except BrokerUnavailable as exc:
+            outcome.broker_error = exc
+            break
+        except Exception as exc:  # this row cannot be read back: its own failure
+            outcome.failed.append((message, exc))
+            pending.popleft()
+            continue
+        try:
+            app.send_task(
+                message.task_name,
+                args,
+                kwargs,
+                task_id=str(message.message_id),
+                producer=producer,
+                task_type=app.tasks.get(message.task_name),
+                add_to_parent=False,
+                retry=False,
+                **options,
+            )
+        except errors as exc:
+            channel.reset()
+            if not reconnected:  # a held connection may have gone stale: one fresh try
+                reconnected = True
+                continue
+            outcome.broker_error = exc
+            break
+        except Exception as exc:
+            outcome.failed.append((message, exc))
+            pending.popleft()
+            continue
+        reconnected = False
+        outcome.sent.append(message)
+        pending.popleft()
+    outcome.unsent.extend(pending)
+    return outcome
+
+
+def mark_sent(messages: Iterable[OutboxMessage]) -> None:
+    """One UPDATE per database for the whole batch."""
+    by_alias: dict[str, list[int]] = {}
+    for message in messages:
+        by_alias.setdefault(message._state.db or "default", []).append(message.id)
+    now = timezone.now()
+    for alias, ids in by_alias.items():
+        OutboxMessage.objects.using(alias).mark_sent(ids, now)
+
+
+class Publisher:
+    """A background thread that sends what this process committed, in batches, as soon as it can.
+
+    It only ever speeds delivery up: whatever it fails to send (broker down, process killed) is
+    still a pending row that the relay sends after the grace period.
+    """
+
+    def __init__(self) -> None:
+        self._init_state()
+        atexit.register(self.close)
+        if hasattr(os, "register_at_fork"):
+            os.register_at_fork(after_in_child=self._init_state)
+
+    def _init_state(self) -> None:
+        # After fork the parent's thread is gone and its lock may be held: start afresh. The
+        # parent's queued messages are the parent's to send.
+        self._pid = os.getpid()
+        self._cond = threading.Condition()
+        self._queue: deque[tuple[Celery, OutboxMessage]] = deque()
+        self._busy = False
+        self._thread: threading.Thread | None = None
+        self._closing = False
+        self._paused_until = 0.0
+        self._failures = 0
+
+    def submit(self, app: Celery, message: OutboxMessage) -> None:
+        if not settings.PUBLISHER:
+            return
+        with self._cond:
+            if self._closing:
+                return
+            if time.monotonic() < self._paused_until:
+                return  # the broker was down a moment ago: leave it to the relay
+            self._queue.append((app, message))
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(
+                    target=self._run, name="aftercommit-publisher", daemon=True
+                )
+                self._thread.start()
+            self._cond.notify()
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait until everything submitted so far was handled; False on timeout."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._cond:
+            while self._queue or self._busy:
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    return False
+                self._cond.wait(remaining)
+        return True
+
+    def close(self) -> None:
+        """Send what is held (bounded by EXIT_FLUSH_TIMEOUT), then stop the thread."""
+        if self._pid != os.getpid() or self._thread is None:
+            return
+        try:
+            timeout = settings.EXIT_FLUSH_TIMEOUT
+        except Exception:
+            timeout = 5.0
+        self.flush(timeout)
+        with self._cond:
+            self._closing = True
+            self._cond.notify_all()
+            thread = self._thread
+        thread.join(timeout)
+        with self._cond:
+            self._closing = False  # a later submit starts a new thread
+            self._thread = None
+
+    def _run(self) -> None:
+        channels: dict[int, Channel] = {}
+        try:
+            while True:
+                with self._cond:
+                    while not self._queue and not self._closing:
+                        self._cond.wait()
+                    if not self._queue and self._closing:
+                        return
+                    batch = list(self._queue)
+                    self._queue.clear()
+                    self._busy = True
+                try:
+                    by_app: dict[int, list[OutboxMessage]] = {}
+                    for app, message in batch:
+                        if id(app) not in channels:
+                            channels[id(app)] = Channel(app)
+                        by_app.setdefault(id(app), []).append(message)
+                    for key, messages in by_app.items():
+                        channel = channels[key]
+                        self._send(channel.app, messages, channel)
+                finally:
+                    with self._cond:
+                        self._busy = False
+                        self._cond.notify_all()
+        finally:
+            for channel in channels.values():
+                channel.reset()
+            for alias in connections:
+                connections[alias].close()
+
+    def _send(self, app: Celery, batch: list[OutboxMessage], channel: Channel) -> None:
+        outcome = send(app, batch, channel)
+        if outcome.broker_error is not None:
+            self._failures += 1
+            pause = min(settings.BROKER_BACKOFF_MAX, 0.5 * 2**self._failures)
+            self._paused_until = time.monotonic() + pause
+            logger.warning(
+                "broker unreachable (%s); %d message(s) left to the relay, pausing the publisher "
+                "%.1fs",
+                outcome.broker_error,
+                len(outcome.unsent),
+                pause,
+            )
+        else:
+            self._failures = 0
+        for message, exc in outcome.failed:
+            logger.warning("could not send %s, left to the relay: %r", message, exc)
+        try:
+            mark_sent(outcome.sent)
+        except Exception:
+            # The messages went out; the relay will send them again after the grace period.
+            logger.exception("could not mark %d sent message(s)", len(outcome.sent))
+            for alias in connections:
+                connections[alias].close()
+
+
+publisher = Publisher()

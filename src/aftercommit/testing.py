@@ -1,0 +1,1 @@
+"""Test helpers and the pytest plugin (registered through the ``pytest11`` entry point)."""

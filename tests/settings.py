@@ -1,0 +1,109 @@
+"""Settings of the test project. DATABASE_URL and BROKER_URL pick the services; without them it runs
+on a SQLite file and kombu's filesystem transport, which need no server."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import dj_database_url
+
+SECRET_KEY = "aftercommit-tests"
+DEBUG = False
+USE_TZ = True
+TIME_ZONE = "UTC"
+ROOT_URLCONF = "tests.urls"
+ALLOWED_HOSTS = ["*"]
+
+INSTALLED_APPS = [
+    "django.contrib.admin",
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "aftercommit",
+    "tests.testapp",
+]
+MIDDLEWARE = [
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+]
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+            ]
+        },
+    }
+]
+
+# Shared with the worker and relay subprocesses, which must open the same SQLite files.
+STATE_DIR = Path(os.environ.get("AFTERCOMMIT_TEST_STATE", tempfile.gettempdir())) / "aftercommit-tests"
+STATE_DIR.mkdir(parents=True, exist_ok=True)
+
+DATABASE_URL = os.environ.get("DATABASE_URL", "")
+if DATABASE_URL:
+    default = dj_database_url.parse(DATABASE_URL, conn_max_age=0)
+    other = dict(default, NAME=f"{default['NAME']}_other")
+else:
+    default = {"ENGINE": "django.db.backends.sqlite3", "NAME": str(STATE_DIR / "default.sqlite3")}
+    other = {"ENGINE": "django.db.backends.sqlite3", "NAME": str(STATE_DIR / "other.sqlite3")}
+for db, name in ((default, "default"), (other, "other")):
+    if db["ENGINE"].endswith("sqlite3"):
+        db["OPTIONS"] = {"timeout": 30}
+        db["TEST"] = {"NAME": str(STATE_DIR / f"test_{name}.sqlite3")}
+    if db["ENGINE"].endswith("mysql"):
+        db["OPTIONS"] = {"isolation_level": "read committed"}
+DATABASES = {"default": default, "other": other}
+
+# Subprocesses (the Celery worker, the relay) are pointed at the test databases pytest-django made.
+_test_names = os.environ.get("AFTERCOMMIT_TEST_DB_NAMES")
+if _test_names:
+    for alias, name in json.loads(_test_names).items():
+        DATABASES[alias]["NAME"] = name
+
+BROKER_URL = os.environ.get("BROKER_URL", "") or "filesystem://"
+FS_BROKER_DIR = STATE_DIR / "broker"
+CELERY_BROKER_URL = os.environ.get("AFTERCOMMIT_TEST_PROXY_URL") or BROKER_URL
+if BROKER_URL.startswith("filesystem"):
+    CELERY_BROKER_TRANSPORT = "aftercommit.transport:FilesystemTransport"
+CELERY_BROKER_TRANSPORT_OPTIONS = (
+    {
+        "data_folder_in": str(FS_BROKER_DIR),
+        "data_folder_out": str(FS_BROKER_DIR),
+        "store_processed": False,
+        "polling_interval": 0.02,
+    }
+    if BROKER_URL.startswith("filesystem")
+    else {}
+)
+CELERY_BROKER_CONNECTION_TIMEOUT = 2
+CELERY_TASK_IGNORE_RESULT = True
+CELERY_WORKER_HIJACK_ROOT_LOGGER = False
+CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
+
+AFTERCOMMIT = {
+    "GRACE_PERIOD": float(os.environ.get("AFTERCOMMIT_TEST_GRACE", "2")),
+    "POLL_INTERVAL": 0.2,
+    "BROKER_BACKOFF_MAX": 1.0,
+    "BACKOFF_BASE": 0.2,
+    "BACKOFF_MAX": 1.0,
+}
+
+# Subprocesses (relays) get their own overrides, e.g. a lower MAX_ATTEMPTS.
+AFTERCOMMIT.update(json.loads(os.environ.get("AFTERCOMMIT_TEST_SETTINGS", "{}")))
+
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "handlers": {"console": {"class": "logging.StreamHandler"}},
+    "loggers": {"aftercommit": {"handlers": ["console"], "level": "WARNING"}},
+}

@@ -1,0 +1,283 @@
+"""Django's on_commit semantics, as a dispatched task sees them: with a real worker and broker."""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+
+import pytest
+from celery.result import AsyncResult
+from django.db import connections, transaction
+
+from aftercommit import AmbiguousDatabaseError, DispatchError
+from aftercommit.models import OutboxMessage, Status
+from aftercommit.publisher import publisher
+from tests.conftest import wait_for
+from tests.testapp.models import Item, TaskRun
+from tests.testapp.tasks import read_item, read_now
+
+pytestmark = [
+    pytest.mark.services,
+    pytest.mark.django_db(transaction=True, databases=["default", "other"]),
+    pytest.mark.usefixtures("worker"),
+]
+
+
+def runs(token: str) -> list[TaskRun]:
+    return list(TaskRun.objects.filter(token=token).order_by("started_at"))
+
+
+def ran(token: str, count: int = 1, timeout: float = 20) -> list[TaskRun]:
+    wait_for(lambda: TaskRun.objects.filter(token=token).count() >= count, timeout=timeout)
+    return runs(token)
+
+
+def ran_seen_from_another_connection(token: str, count: int = 1) -> None:
+    """Like ran(), for use inside an open transaction whose snapshot may hide the worker's rows."""
+
+    def check() -> bool:
+        result: list[int] = []
+
+        def query() -> None:
+            try:
+                result.append(TaskRun.objects.filter(token=token).count())
+            finally:
+                connections.close_all()
+
+        thread = threading.Thread(target=query)
+        thread.start()
+        thread.join()
+        return result[0] >= count
+
+    wait_for(check)
+
+
+def settle(token: str) -> None:
+    """Wait until the worker has run everything sent before now: a sentinel sent last has run."""
+    sentinel = f"{token}-sentinel"
+    read_item.delay(sentinel)
+    ran(sentinel)
+    publisher.flush(5)
+    time.sleep(0.3)
+
+
+def test_delay_inside_atomic__not_sent_before_commit(token: str) -> None:
+    item = Item.objects.create(name="a")
+    with transaction.atomic():
+        item.version = 1
+        item.save()
+        result = read_item.delay(token, item.pk, 1)
+        time.sleep(0.5)
+        assert runs(token) == [], "the worker ran the task before the commit"
+        committed = time.time()
+    (run,) = ran(token)
+    assert run.seen_version == 1
+    assert run.started_at >= committed
+    assert isinstance(result, AsyncResult)
+    assert run.task_id == result.id
+    wait_for(lambda: OutboxMessage.objects.get(message_id=result.id).status == Status.SENT)
+
+
+def test_delay_outside_transaction__recorded_and_sent_at_once(token: str) -> None:
+    result = read_item.delay(token)
+    message = OutboxMessage.objects.get(message_id=result.id)
+    assert message.task_name == read_item.name
+    (run,) = ran(token)
+    assert run.task_id == result.id
+    wait_for(lambda: OutboxMessage.objects.get(message_id=result.id).status == Status.SENT)
+
+
+def test_nested_atomics__sent_when_the_outermost_commits(token: str) -> None:
+    with transaction.atomic():
+        with transaction.atomic():
+            read_item.delay(token, None, 1)
+        time.sleep(0.4)
+        assert runs(token) == [], "sent when the inner block exited, before the real commit"
+        read_item.delay(token, None, 2)
+    assert sorted(r.expected_version for r in ran(token, 2)) == [1, 2]
+
+
+def test_savepoint_rolled_back__its_task_is_discarded(token: str) -> None:
+    with transaction.atomic():
+        read_item.delay(token, None, 1)
+        with pytest.raises(ZeroDivisionError), transaction.atomic():
+            read_item.delay(token, None, 2)
+            1 / 0
+    settle(token)
+    assert [r.expected_version for r in runs(token)] == [1]
+    assert OutboxMessage.objects.count() == 2  # the kept call and the sentinel
+
+
+def test_outer_rolled_back_after_inner_commit__nothing_sent(token: str) -> None:
+    with pytest.raises(ZeroDivisionError), transaction.atomic():
+        with transaction.atomic():
+            read_item.delay(token, None, 1)
+        1 / 0
+    settle(token)
+    assert runs(token) == []
+    assert not OutboxMessage.objects.filter(task_name=read_item.name).exclude(
+        payload__contains="sentinel"
+    ).exists()
+
+
+def test_failure_inside_atomic_without_savepoint__whole_transaction_discarded(token: str) -> None:
+    with transaction.atomic():
+        read_item.delay(token, None, 1)
+        try:
+            with transaction.atomic(savepoint=False):
+                read_item.delay(token, None, 2)
+                1 / 0
+        except ZeroDivisionError:
+            pass  # the outer block is now marked for rollback and rolls back on exit
+    settle(token)
+    assert runs(token) == []
+
+
+def test_dispatch_from_an_on_commit_hook__sent(token: str) -> None:
+    with transaction.atomic():
+        transaction.on_commit(lambda: read_item.delay(token, None, 7))
+    (run,) = ran(token)
+    assert run.expected_version == 7
+
+
+def test_autocommit_off__clear_error_and_nothing_stored(token: str) -> None:
+    transaction.set_autocommit(False)
+    try:
+        with pytest.raises(DispatchError, match="autocommit is off on database 'default'"):
+            read_item.delay(token)
+        assert not OutboxMessage.objects.exists()
+    finally:
+        transaction.rollback()
+        transaction.set_autocommit(True)
+
+
+def test_second_database__joins_its_transaction(token: str) -> None:
+    with transaction.atomic(using="other"):
+        result = read_item.delay(token, None, 1)
+        assert OutboxMessage.objects.using("other").filter(message_id=result.id).exists()
+        assert not OutboxMessage.objects.using("default").exists()
+        time.sleep(0.4)
+        assert runs(token) == []
+    ran(token)
+    wait_for(
+        lambda: OutboxMessage.objects.using("other").get(message_id=result.id).status
+        == Status.SENT
+    )
+
+
+def test_second_database_rolled_back__nothing_sent(token: str) -> None:
+    with pytest.raises(ZeroDivisionError), transaction.atomic(using="other"):
+        read_item.delay(token, None, 1)
+        1 / 0
+    settle(token)
+    assert runs(token) == []
+    assert not OutboxMessage.objects.using("other").exists()
+
+
+def test_atomic_open_on_two_databases__asks_for_using(token: str) -> None:
+    with transaction.atomic(), transaction.atomic(using="other"):
+        with pytest.raises(AmbiguousDatabaseError, match="Pass using="):
+            read_item.delay(token)
+        result = read_item.apply_async((token, None, 3), using="other")
+    (run,) = ran(token)
+    assert run.task_id == result.id
+    assert OutboxMessage.objects.using("other").filter(message_id=result.id).exists()
+    assert not OutboxMessage.objects.using("default").exists()
+
+
+def test_send_now_opt_out__published_before_commit(token: str) -> None:
+    with transaction.atomic():
+        read_now.delay(token)
+        ran_seen_from_another_connection(token)  # it did not wait for the commit
+        read_item.apply_async((token,), after_commit=False)
+        ran_seen_from_another_connection(token, 2)
+    assert not OutboxMessage.objects.exists()
+
+
+def test_countdown__counts_from_the_commit(token: str) -> None:
+    with transaction.atomic():
+        dispatched = time.time()
+        read_item.apply_async((token,), countdown=2)
+        time.sleep(1.5)
+        committed = time.time()
+    (run,) = ran(token, timeout=30)
+    assert run.started_at >= committed + 2 - 0.1, (
+        f"started {run.started_at - committed:.2f}s after commit, "
+        f"{run.started_at - dispatched:.2f}s after dispatch"
+    )
+
+
+def test_send_options__honoured(token: str) -> None:
+    with transaction.atomic():
+        read_item.apply_async((token,), queue="other", priority=5, headers={"custom": "x"})
+    (run,) = ran(token)
+    assert run.queue == "other"
+    assert '"custom": "x"' in run.headers
+
+
+def test_expires__counts_from_the_commit(token: str) -> None:
+    with transaction.atomic():
+        read_item.apply_async((token, None, 1), expires=0.5, countdown=1.5)  # expired on arrival
+        read_item.apply_async((token, None, 2), expires=30)
+        time.sleep(1)
+    settle(token)
+    assert [r.expected_version for r in runs(token)] == [2]
+
+
+def test_task_id__is_the_message_id(token: str) -> None:
+    wanted = str(uuid.uuid4())
+    with transaction.atomic():
+        result = read_item.apply_async((token,), task_id=wanted)
+    assert result.id == wanted
+    (run,) = ran(token)
+    assert run.task_id == wanted
+    assert str(OutboxMessage.objects.get().message_id) == wanted
+
+
+class Unencodable:
+    pass
+
+
+@pytest.mark.parametrize(
+    ("call", "message"),
+    [
+        (lambda t: read_item.delay(t, Unencodable()), "cannot be encoded with the 'json'"),
+        (lambda t: read_item.apply_async((t,), queueue="x"), "unknown option(s) queueue"),
+        (lambda t: read_item.apply_async((t,), serializer="pickle"), "pickle serializer is refused"),
+        (lambda t: read_item.delay("x" * 300_000), "over the limit"),
+        (lambda t: read_item.apply_async((t,), countdown="soon"), "countdown must be a number"),
+        (lambda t: read_item.apply_async((t,), using="nope"), "'nope' is not a database alias"),
+        (lambda t: read_item.delay(t, 1, 2, 3, 4), "takes from 2 to 4 positional arguments"),
+    ],
+    ids=["unencodable", "unknown-option", "pickle", "oversized", "bad-countdown", "bad-alias",
+         "bad-signature"],
+)
+def test_bad_input__clear_error_nothing_stored_transaction_usable(token, call, message):  # type: ignore[no-untyped-def]
+    with transaction.atomic():
+        item = Item.objects.create(name="kept")
+        with pytest.raises((DispatchError, TypeError)) as excinfo:
+            call(token)
+        assert message in str(excinfo.value)
+        assert "tests.testapp.tasks.read_item" in str(excinfo.value) or isinstance(
+            excinfo.value, TypeError
+        )
+        item.version = 2
+        item.save()  # the caller's transaction is still usable
+    assert Item.objects.get(pk=item.pk).version == 2
+    assert not OutboxMessage.objects.exists()
+
+
+def test_unregistered_task__refused(token: str) -> None:
+    from tests.celery_app import app
+
+    name = read_item.name
+    task = app.tasks[name]
+    del app.tasks[name]
+    try:
+        with pytest.raises(DispatchError, match="no task of this name is registered"):
+            task.delay(token)
+    finally:
+        app.tasks[name] = task
+    assert not OutboxMessage.objects.exists()
+    assert connections["default"].get_autocommit()
