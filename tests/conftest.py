@@ -6,6 +6,7 @@ server is unreachable skips, saying why; with REQUIRE_SERVICES=1 (CI) it fails i
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -28,7 +29,9 @@ ARTIFACTS = Path(os.environ.get("AFTERCOMMIT_ARTIFACTS", ROOT / ".artifacts"))
 REQUIRE_SERVICES = os.environ.get("REQUIRE_SERVICES") == "1"
 
 
-def wait_for(predicate: Callable[[], object], timeout: float = 20.0, interval: float = 0.05) -> object:
+def wait_for(
+    predicate: Callable[[], object], timeout: float = 20.0, interval: float = 0.05
+) -> object:
     deadline = time.monotonic() + timeout
     while True:
         value = predicate()
@@ -79,7 +82,7 @@ def services(django_db_blocker) -> None:  # type: ignore[no-untyped-def]
 
 
 class Proxy:
-    """A TCP proxy to the broker; ``down()`` makes the broker unreachable, ``up()`` brings it back."""
+    """A TCP proxy to the broker: ``down()`` makes it unreachable, ``up()`` brings it back."""
 
     def __init__(self, target: tuple[str, int]) -> None:
         self.target = target
@@ -103,14 +106,15 @@ class Proxy:
     def down(self) -> None:
         listener, self._listener = self._listener, None
         if listener is not None:
+            # close() alone leaves a blocked accept() listening; shutdown() wakes it
+            with contextlib.suppress(OSError):
+                listener.shutdown(socket.SHUT_RDWR)
             listener.close()
         with self._lock:
             socks, self._socks = self._socks, []
         for s in socks:
-            try:
+            with contextlib.suppress(OSError):
                 s.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
             s.close()
 
     def _accept(self, listener: socket.socket) -> None:
@@ -124,13 +128,13 @@ class Proxy:
             except OSError:
                 client.close()
                 continue
+            upstream.settimeout(None)  # idle broker connections are normal, keep them
             with self._lock:
                 self._socks += [client, upstream]
             for a, b in ((client, upstream), (upstream, client)):
                 threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
 
-    @staticmethod
-    def _pipe(src: socket.socket, dst: socket.socket) -> None:
+    def _pipe(self, src: socket.socket, dst: socket.socket) -> None:
         try:
             while data := src.recv(65536):
                 dst.sendall(data)
@@ -138,10 +142,12 @@ class Proxy:
             pass
         finally:
             for s in (src, dst):
-                try:
+                with contextlib.suppress(OSError):
                     s.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
+                s.close()
+                with self._lock:
+                    if s in self._socks:
+                        self._socks.remove(s)
 
 
 class Broker:
@@ -152,10 +158,17 @@ class Broker:
         self.filesystem = self.url.startswith("filesystem")
         self.proxy: Proxy | None = None
         self.client_url = self.url
+        self.env: dict[str, str] = {}
         if self.filesystem:
+            # Producers write through a symlink; removing it is the outage (the worker, reading
+            # the folder itself, stays up as it would with a networked broker's own outage).
             self.folder = Path(settings.FS_BROKER_DIR)
             shutil.rmtree(self.folder, ignore_errors=True)
             self.folder.mkdir(parents=True)
+            self.link = self.folder.with_name("broker-out")
+            self.link.unlink(missing_ok=True)
+            self.link.symlink_to(self.folder)
+            self.env["AFTERCOMMIT_TEST_FS_OUT"] = str(self.link)
         else:
             parts = urlsplit(self.url)
             default_port = {"redis": 6379, "amqp": 5672, "pyamqp": 5672}.get(parts.scheme, 0)
@@ -164,18 +177,19 @@ class Broker:
             host = f"127.0.0.1:{self.proxy.port}"
             netloc_new = f"{netloc[0]}@{host}" if len(netloc) == 2 else host
             self.client_url = urlunsplit(parts._replace(netloc=netloc_new))
+            self.env["AFTERCOMMIT_TEST_PROXY_URL"] = self.client_url
 
     def down(self) -> None:
         if self.proxy is not None:
             self.proxy.down()
         else:
-            self.folder.rename(self.folder.with_name("broker-away"))
+            self.link.unlink()
 
     def up(self) -> None:
         if self.proxy is not None:
             self.proxy.up()
         else:
-            self.folder.with_name("broker-away").rename(self.folder)
+            self.link.symlink_to(self.folder)
 
 
 @pytest.fixture(scope="session")
@@ -184,7 +198,14 @@ def broker(services: None) -> Iterator[Broker]:
 
     b = Broker()
     app.conf.broker_url = b.client_url
+    if b.filesystem:
+        app.conf.broker_transport_options = {
+            **app.conf.broker_transport_options,
+            "data_folder_out": str(b.link),
+        }
     yield b
+    if b.proxy is not None:
+        b.proxy.down()
 
 
 # Processes ---------------------------------------------------------------------------------------
@@ -230,13 +251,30 @@ class Process:
 @pytest.fixture(scope="session")
 def worker(broker: Broker, django_db_setup: None, django_db_blocker) -> Iterator[Process]:  # type: ignore[no-untyped-def]
     env = _subprocess_env(broker)
-    env.pop("AFTERCOMMIT_TEST_PROXY_URL", None)
     (ARTIFACTS / "worker.log").unlink(missing_ok=True)
     proc = Process(
         "worker",
-        [sys.executable, "-m", "celery", "-A", "tests.celery_app", "worker", "-P", "threads",
-         "-c", "4", "-Q", "celery,other", "-l", "info", "--without-heartbeat",
-         "--without-gossip", "--without-mingle", "-n", f"tests-{os.getpid()}@%h"],
+        [
+            sys.executable,
+            "-m",
+            "celery",
+            "-A",
+            "tests.celery_app",
+            "worker",
+            "-P",
+            "threads",
+            "-c",
+            "4",
+            "-Q",
+            "celery,other",
+            "-l",
+            "info",
+            "--without-heartbeat",
+            "--without-gossip",
+            "--without-mingle",
+            "-n",
+            f"tests-{os.getpid()}@%h",
+        ],
         env,
     )
     from aftercommit.publisher import publisher
@@ -256,8 +294,7 @@ def start_relay(broker: Broker) -> Iterator[Callable[..., Process]]:
     started: list[Process] = []
 
     def start(*args: str, name: str = "relay") -> Process:
-        env = _subprocess_env(broker)
-        env["AFTERCOMMIT_TEST_PROXY_URL"] = broker.client_url
+        env = {**_subprocess_env(broker), **broker.env}
         proc = Process(
             name,
             [sys.executable, "-m", "django", "aftercommit", "relay", *args],

@@ -7,6 +7,7 @@ import json
 import os
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import dj_database_url
 
@@ -46,12 +47,20 @@ TEMPLATES = [
 ]
 
 # Shared with the worker and relay subprocesses, which must open the same SQLite files.
-STATE_DIR = Path(os.environ.get("AFTERCOMMIT_TEST_STATE", tempfile.gettempdir())) / "aftercommit-tests"
+STATE_DIR = (
+    Path(os.environ.get("AFTERCOMMIT_TEST_STATE", tempfile.gettempdir())) / "aftercommit-tests"
+)
 STATE_DIR.mkdir(parents=True, exist_ok=True)
 
 DATABASE_URL = os.environ.get("DATABASE_URL", "")
+if DATABASE_URL.startswith("mysql"):
+    import pymysql
+
+    pymysql.install_as_MySQLdb()
+default: dict[str, Any]
+other: dict[str, Any]
 if DATABASE_URL:
-    default = dj_database_url.parse(DATABASE_URL, conn_max_age=0)
+    default = dict(dj_database_url.parse(DATABASE_URL, conn_max_age=0))
     other = dict(default, NAME=f"{default['NAME']}_other")
 else:
     default = {"ENGINE": "django.db.backends.sqlite3", "NAME": str(STATE_DIR / "default.sqlite3")}
@@ -69,6 +78,9 @@ _test_names = os.environ.get("AFTERCOMMIT_TEST_DB_NAMES")
 if _test_names:
     for alias, name in json.loads(_test_names).items():
         DATABASES[alias]["NAME"] = name
+        # A worker keeps its connections, as in production; a new MySQL connection per task
+        # takes longer than the race window and would hide the race.
+        DATABASES[alias]["CONN_MAX_AGE"] = 60
 
 BROKER_URL = os.environ.get("BROKER_URL", "") or "filesystem://"
 FS_BROKER_DIR = STATE_DIR / "broker"
@@ -78,7 +90,8 @@ if BROKER_URL.startswith("filesystem"):
 CELERY_BROKER_TRANSPORT_OPTIONS = (
     {
         "data_folder_in": str(FS_BROKER_DIR),
-        "data_folder_out": str(FS_BROKER_DIR),
+        # The web process and the relay may write through a link the outage tests remove.
+        "data_folder_out": os.environ.get("AFTERCOMMIT_TEST_FS_OUT", str(FS_BROKER_DIR)),
         "store_processed": False,
         "polling_interval": 0.02,
     }

@@ -1,4 +1,5 @@
-"""The Celery task class: ``Celery(task_cls="aftercommit.celery:Task")`` or ``@shared_task(base=Task)``.
+"""The Celery task class, for ``Celery(task_cls="aftercommit.celery:Task")`` or
+``@shared_task(base=Task)``.
 
 ``apply_async`` (and so ``delay``) records the call in the current transaction instead of publishing
 it; the rest of Celery is untouched.
@@ -22,8 +23,8 @@ _sending_retry: ContextVar[bool] = ContextVar("aftercommit_sending_retry", defau
 
 
 class Task(celery.Task):  # type: ignore[misc]
-    #: Set ``after_commit=False`` on a task (``@shared_task(after_commit=False)``) that reads nothing
-    #: from the database, to publish it at once like plain Celery.
+    #: ``@shared_task(after_commit=False)`` for a task that reads nothing from the database:
+    #: it is published at once, like plain Celery.
     after_commit: bool = True
 
     def apply_async(
@@ -57,6 +58,7 @@ class Task(celery.Task):  # type: ignore[misc]
         app = self._get_app()
         if app.conf.task_always_eager:
             return self._apply_eager_at_commit(args, kwargs, task_id, using, options)
+
         def publish(message: OutboxMessage) -> None:
             message.committed_at = time.time()  # type: ignore[attr-defined]
             publisher.submit(app, message)
@@ -135,4 +137,3 @@ class Task(celery.Task):  # type: ignore[misc]
             return super().retry(*args, **kwargs)
         finally:
             _sending_retry.reset(token)
-

@@ -1,5 +1,6 @@
-"""A task call inside a transaction becomes an outbox row in that transaction, handed to the publisher
-after commit. Everything that can be wrong with the call is checked here, before anything is stored.
+"""A task call inside a transaction becomes an outbox row in that transaction, handed to the
+publisher after commit. Everything that can be wrong with the call is checked here, before anything
+is stored.
 """
 
 from __future__ import annotations
@@ -101,7 +102,9 @@ def encode_arguments(
             f"instead of obj."
         ) from exc
     except (ContentDisallowed, serialization.SerializerNotInstalled) as exc:
-        raise DispatchError(f"{task.name}: serializer {serializer!r} is not usable ({exc}).") from exc
+        raise DispatchError(
+            f"{task.name}: serializer {serializer!r} is not usable ({exc})."
+        ) from exc
     if isinstance(data, bytes):
         if content_encoding == BINARY:
             data = base64.b64encode(data).decode("ascii")
@@ -154,7 +157,9 @@ def check_options(task_name: str, options: dict[str, Any]) -> None:
         )
     countdown = options.get("countdown")
     if countdown is not None and not isinstance(countdown, (int, float)):
-        raise DispatchError(f"{task_name}: countdown must be a number of seconds, got {countdown!r}.")
+        raise DispatchError(
+            f"{task_name}: countdown must be a number of seconds, got {countdown!r}."
+        )
     eta = options.get("eta")
     if eta is not None and not isinstance(eta, (dt.datetime, str)):
         raise DispatchError(f"{task_name}: eta must be a datetime, got {eta!r}.")
@@ -162,12 +167,12 @@ def check_options(task_name: str, options: dict[str, Any]) -> None:
         raise DispatchError(f"{task_name}: pass countdown or eta, not both.")
     expires = options.get("expires")
     if expires is not None and not isinstance(expires, (int, float, dt.datetime, str)):
-        raise DispatchError(
-            f"{task_name}: expires must be seconds or a datetime, got {expires!r}."
-        )
+        raise DispatchError(f"{task_name}: expires must be seconds or a datetime, got {expires!r}.")
     priority = options.get("priority")
     if priority is not None and not (isinstance(priority, int) and 0 <= priority <= 255):
-        raise DispatchError(f"{task_name}: priority must be an int from 0 to 255, got {priority!r}.")
+        raise DispatchError(
+            f"{task_name}: priority must be an int from 0 to 255, got {priority!r}."
+        )
 
 
 def record(

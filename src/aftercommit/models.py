@@ -1,10 +1,11 @@
 """The outbox table and the operations on it, as SQL the publisher and the relay call by name.
 
-A message is a row: recorded in the caller's transaction, sent after commit, marked sent. ``due_at``
-is the one clock the relay reads: for a fresh row it is "created + grace period" (the in-process
-publisher should have sent it by then), for a claimed row the end of the claimer's lease, for a failed
-row the time of its next attempt. Every relay query is a range scan of ``(status, due_at)``, so the
-cost of finding due work does not grow with the millions of sent rows kept for retention.
+A message is a row: recorded in the caller's transaction, sent after commit, marked sent.
+``due_at`` is the one clock the relay reads: for a fresh row it is "created + grace period" (the
+in-process publisher should have sent it by then), for a claimed row the end of the claimer's
+lease, for a failed row the time of its next attempt. Every relay query is a range scan of
+``(status, due_at)``, so the cost of finding due work does not grow with the millions of sent rows
+kept for retention.
 """
 
 from __future__ import annotations
@@ -31,7 +32,9 @@ class OutboxMessageQuerySet(models.QuerySet["OutboxMessage"]):
     def due(self, now: dt.datetime) -> OutboxMessageQuerySet:
         return self.filter(status=Status.PENDING, due_at__lte=now).order_by("due_at", "id")
 
-    def claim(self, *, limit: int, lease_until: dt.datetime, now: dt.datetime) -> list[OutboxMessage]:
+    def claim(
+        self, *, limit: int, lease_until: dt.datetime, now: dt.datetime
+    ) -> list[OutboxMessage]:
         """Take up to ``limit`` due messages for this caller until ``lease_until``.
 
         One short transaction: rows locked by another claimer are skipped, never waited on, and the
@@ -170,7 +173,7 @@ class LeaseQuerySet(models.QuerySet["Lease"]):
 
 
 class Lease(models.Model):
-    """A named, expiring claim: the SQLite relay's single-claimer lock and each relay's heartbeat."""
+    """A named, expiring claim: the single-claimer lock on SQLite, and each relay's heartbeat."""
 
     name = models.CharField(max_length=200, primary_key=True)
     holder = models.CharField(max_length=200)

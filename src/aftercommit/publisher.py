@@ -33,7 +33,7 @@ class BrokerUnavailable(Exception):
 
 @dataclass
 class Outcome:
-    """What became of a batch: sent, failed for a reason of their own, or not tried (broker down)."""
+    """What became of a batch: sent, failed on their own, or not tried (the broker was down)."""
 
     sent: list[OutboxMessage] = field(default_factory=list)
     failed: list[tuple[OutboxMessage, BaseException]] = field(default_factory=list)
@@ -52,26 +52,35 @@ class Channel:
     def open(self) -> Any:
         if self.producer is None:
             connection = self.app.connection_for_write()
+            if connection.transport.driver_type == "amqp":
+                # Without confirms a publish on a connection the broker already dropped "succeeds"
+                # into the socket buffer and the message is lost; we would mark it sent.
+                connection = self.app.connection_for_write(
+                    transport_options={"confirm_publish": True}
+                )
             try:
                 connection.ensure_connection(max_retries=1)
             except Exception as exc:
-                self._discard(connection)
+                self._discard(connection, broken=True)
                 raise BrokerUnavailable(str(exc)) from exc
             self.connection = connection
             self.producer = self.app.amqp.Producer(connection, auto_declare=False)
         return self.producer
 
-    def reset(self) -> None:
+    def reset(self, *, broken: bool = False) -> None:
         connection, self.connection, self.producer = self.connection, None, None
         if connection is not None:
-            self._discard(connection)
+            self._discard(connection, broken=broken)
 
     @staticmethod
-    def _discard(connection: Connection) -> None:
+    def _discard(connection: Connection, *, broken: bool) -> None:
         try:
-            connection.close()
-        except Exception:  # a dead connection may fail to close; it is gone either way
-            logger.debug("closing a broken broker connection failed", exc_info=True)
+            if broken:  # no goodbye on a dead socket: just release it
+                connection.collect()
+            else:
+                connection.close()
+        except Exception:  # it is gone either way
+            logger.debug("closing a broker connection failed", exc_info=True)
 
     def broker_errors(self) -> tuple[type[BaseException], ...]:
         connection = self.connection or self.app.connection_for_write()
@@ -142,7 +151,7 @@ def send(app: Celery, messages: Sequence[OutboxMessage], channel: Channel) -> Ou
                 **options,
             )
         except errors as exc:
-            channel.reset()
+            channel.reset(broken=True)
             if not reconnected:  # a held connection may have gone stale: one fresh try
                 reconnected = True
                 continue

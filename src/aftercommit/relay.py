@@ -40,11 +40,7 @@ def outbox_aliases() -> list[str]:
     configured = settings.DATABASES
     if configured is not None:
         return list(configured)
-    return [
-        alias
-        for alias in connections
-        if router.allow_migrate_model(alias, OutboxMessage)
-    ]
+    return [alias for alias in connections if router.allow_migrate_model(alias, OutboxMessage)]
 
 
 def backoff(attempts: int) -> float:
@@ -119,11 +115,11 @@ class Relay:
         """Claim, publish, settle. Returns how many messages were claimed."""
         now = timezone.now()
         lease = dt.timedelta(seconds=settings.LEASE)
-        if not connections[alias].features.has_select_for_update_skip_locked:
-            if not Lease.objects.using(alias).acquire(
-                CLAIM_LEASE, self.holder, until=now + lease, now=now
-            ):
-                return 0
+        skip_locked = connections[alias].features.has_select_for_update_skip_locked
+        if not skip_locked and not Lease.objects.using(alias).acquire(
+            CLAIM_LEASE, self.holder, until=now + lease, now=now
+        ):
+            return 0
         messages = OutboxMessage.objects.using(alias).claim(
             limit=self.batch_size or settings.BATCH_SIZE, lease_until=now + lease, now=now
         )
@@ -200,7 +196,9 @@ class Relay:
     def _install_signal_handlers(self) -> Any:
         if threading.current_thread() is not threading.main_thread():
             return lambda: None
-        previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+        previous = {
+            sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT)
+        }
 
         def restore() -> None:
             for sig, handler in previous.items():
@@ -212,8 +210,12 @@ class Relay:
         logger.info("relay %s: signal %d, stopping after the batch in hand", self.holder, signum)
         self.stop()
 
-    def _shutdown(self) -> None:
+    def close(self) -> None:
+        """Close the broker connection; the relay can still run again later."""
         self.channel.reset()
+
+    def _shutdown(self) -> None:
+        self.close()
         for alias in self.aliases:
             try:
                 Lease.objects.using(alias).release(CLAIM_LEASE, self.holder)

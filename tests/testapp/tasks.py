@@ -32,15 +32,17 @@ def _record(task: celery.Task, token: str, item_id: int | None, expected: int | 
 
 
 @shared_task(bind=True)
-def read_item(self: celery.Task, token: str, item_id: int | None = None,
-              expected: int | None = None) -> None:
+def read_item(
+    self: celery.Task, token: str, item_id: int | None = None, expected: int | None = None
+) -> None:
     """aftercommit's task (the app's task_cls)."""
     _record(self, token, item_id, expected)
 
 
 @shared_task(bind=True, base=celery.Task)
-def plain_read_item(self: celery.Task, token: str, item_id: int | None = None,
-                    expected: int | None = None) -> None:
+def plain_read_item(
+    self: celery.Task, token: str, item_id: int | None = None, expected: int | None = None
+) -> None:
     """The same task on plain Celery: what the seed's code did."""
     _record(self, token, item_id, expected)
 

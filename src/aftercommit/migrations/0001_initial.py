@@ -4,41 +4,66 @@ from django.db import migrations, models
 
 
 class Migration(migrations.Migration):
-
     initial = True
 
-    dependencies = [
-    ]
+    dependencies = []
 
     operations = [
         migrations.CreateModel(
-            name='Lease',
+            name="Lease",
             fields=[
-                ('name', models.CharField(max_length=200, primary_key=True, serialize=False)),
-                ('holder', models.CharField(max_length=200)),
-                ('expires_at', models.DateTimeField()),
+                ("name", models.CharField(max_length=200, primary_key=True, serialize=False)),
+                ("holder", models.CharField(max_length=200)),
+                ("expires_at", models.DateTimeField()),
             ],
         ),
         migrations.CreateModel(
-            name='OutboxMessage',
+            name="OutboxMessage",
             fields=[
-                ('id', models.BigAutoField(primary_key=True, serialize=False)),
-                ('message_id', models.UUIDField(editable=False, help_text='The Celery task id of the message.', unique=True)),
-                ('task_name', models.CharField(max_length=255)),
-                ('payload', models.TextField(help_text="The task's args and kwargs, encoded by its serializer.")),
-                ('content_type', models.CharField(max_length=100)),
-                ('content_encoding', models.CharField(max_length=32)),
-                ('options', models.TextField(help_text="The call's send options (queue, countdown, ...), JSON.")),
-                ('status', models.PositiveSmallIntegerField(choices=[(0, 'pending'), (1, 'sent'), (2, 'dead')], default=0)),
-                ('created_at', models.DateTimeField()),
-                ('due_at', models.DateTimeField(help_text='When the relay may take this message: grace end, lease end or next retry.')),
-                ('sent_at', models.DateTimeField(blank=True, null=True)),
-                ('attempts', models.PositiveIntegerField(default=0)),
-                ('last_error', models.TextField(blank=True, default='')),
+                ("id", models.BigAutoField(primary_key=True, serialize=False)),
+                (
+                    "message_id",
+                    models.UUIDField(
+                        editable=False, help_text="The Celery task id of the message.", unique=True
+                    ),
+                ),
+                ("task_name", models.CharField(max_length=255)),
+                (
+                    "payload",
+                    models.TextField(
+                        help_text="The task's args and kwargs, encoded by its serializer."
+                    ),
+                ),
+                ("content_type", models.CharField(max_length=100)),
+                ("content_encoding", models.CharField(max_length=32)),
+                (
+                    "options",
+                    models.TextField(
+                        help_text="The call's send options (queue, countdown, ...), JSON."
+                    ),
+                ),
+                (
+                    "status",
+                    models.PositiveSmallIntegerField(
+                        choices=[(0, "pending"), (1, "sent"), (2, "dead")], default=0
+                    ),
+                ),
+                ("created_at", models.DateTimeField()),
+                (
+                    "due_at",
+                    models.DateTimeField(
+                        help_text="When the relay may take this message: grace end, lease end or next retry."
+                    ),
+                ),
+                ("sent_at", models.DateTimeField(blank=True, null=True)),
+                ("attempts", models.PositiveIntegerField(default=0)),
+                ("last_error", models.TextField(blank=True, default="")),
             ],
             options={
-                'verbose_name': 'outbox message',
-                'indexes': [models.Index(fields=['status', 'due_at'], name='aftercommit_status_due')],
+                "verbose_name": "outbox message",
+                "indexes": [
+                    models.Index(fields=["status", "due_at"], name="aftercommit_status_due")
+                ],
             },
         ),
     ]

@@ -4,35 +4,43 @@ from django.db import migrations, models
 
 
 class Migration(migrations.Migration):
-
     initial = True
 
-    dependencies = [
-    ]
+    dependencies = []
 
     operations = [
         migrations.CreateModel(
-            name='Item',
+            name="Item",
             fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('name', models.CharField(max_length=100)),
-                ('version', models.IntegerField(default=0)),
+                (
+                    "id",
+                    models.BigAutoField(
+                        auto_created=True, primary_key=True, serialize=False, verbose_name="ID"
+                    ),
+                ),
+                ("name", models.CharField(max_length=100)),
+                ("version", models.IntegerField(default=0)),
             ],
         ),
         migrations.CreateModel(
-            name='TaskRun',
+            name="TaskRun",
             fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('token', models.CharField(db_index=True, max_length=100)),
-                ('task_id', models.CharField(max_length=100)),
-                ('item_id', models.BigIntegerField(null=True)),
-                ('expected_version', models.IntegerField(null=True)),
-                ('seen_version', models.IntegerField(null=True)),
-                ('started_at', models.FloatField()),
-                ('eta', models.CharField(blank=True, max_length=64)),
-                ('queue', models.CharField(blank=True, max_length=100)),
-                ('priority', models.IntegerField(null=True)),
-                ('headers', models.TextField(blank=True)),
+                (
+                    "id",
+                    models.BigAutoField(
+                        auto_created=True, primary_key=True, serialize=False, verbose_name="ID"
+                    ),
+                ),
+                ("token", models.CharField(db_index=True, max_length=100)),
+                ("task_id", models.CharField(max_length=100)),
+                ("item_id", models.BigIntegerField(null=True)),
+                ("expected_version", models.IntegerField(null=True)),
+                ("seen_version", models.IntegerField(null=True)),
+                ("started_at", models.FloatField()),
+                ("eta", models.CharField(blank=True, max_length=64)),
+                ("queue", models.CharField(blank=True, max_length=100)),
+                ("priority", models.IntegerField(null=True)),
+                ("headers", models.TextField(blank=True)),
             ],
         ),
     ]

@@ -16,8 +16,12 @@ class Command(BaseCommand):
     def add_arguments(self, parser: CommandParser) -> None:
         sub = parser.add_subparsers(dest="action", required=True)
         relay = sub.add_parser("relay", help="Send due messages until SIGTERM.")
-        relay.add_argument("--database", action="append", dest="databases",
-                           help="Alias to relay (repeatable; default: every outbox alias).")
+        relay.add_argument(
+            "--database",
+            action="append",
+            dest="databases",
+            help="Alias to relay (repeatable; default: every outbox alias).",
+        )
         relay.add_argument("--batch-size", type=int)
         relay.add_argument("--once", action="store_true", help="Stop when nothing is due.")
         status = sub.add_parser("status", help="Backlog, oldest pending age, retrying, dead.")
@@ -29,12 +33,14 @@ class Command(BaseCommand):
         replay = sub.add_parser("replay", help="Give dead letters a fresh set of attempts.")
         replay.add_argument("--database", action="append", dest="databases")
 
-    def handle(self, *args: Any, action: str, databases: list[str] | None = None,
-               **options: Any) -> None:
+    def handle(
+        self, *args: Any, action: str, databases: list[str] | None = None, **options: Any
+    ) -> None:
         try:
             if action == "relay":
-                operations.run_relay(databases, batch_size=options["batch_size"],
-                                     once=options["once"])
+                operations.run_relay(
+                    databases, batch_size=options["batch_size"], once=options["once"]
+                )
             elif action == "status":
                 report = operations.status(databases)
                 if options["as_json"]:

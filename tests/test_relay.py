@@ -1,0 +1,194 @@
+"""The relay: what the publisher could not send (process died, broker down) still goes out."""
+
+from __future__ import annotations
+
+import datetime as dt
+import io
+import json
+import signal
+import time
+import uuid
+from collections import Counter
+
+import pytest
+from django.core.management import call_command
+from django.db import transaction
+from django.utils import timezone
+
+from aftercommit.models import Lease, OutboxMessage, Status
+from aftercommit.publisher import publisher
+from aftercommit.relay import Relay, backoff
+from tests.celery_app import app
+from tests.conftest import wait_for
+from tests.testapp.models import Item, TaskRun
+from tests.testapp.tasks import read_item
+
+pytestmark = [
+    pytest.mark.services,
+    pytest.mark.django_db(transaction=True, databases=["default", "other"]),
+    pytest.mark.usefixtures("worker"),
+]
+
+
+@pytest.fixture
+def no_publisher(settings):  # type: ignore[no-untyped-def]
+    """As if the process died right after each commit: only the relay can send."""
+    settings.AFTERCOMMIT = {**settings.AFTERCOMMIT, "PUBLISHER": False}
+
+
+def delivered(token: str) -> Counter[str]:
+    return Counter(TaskRun.objects.filter(token=token).values_list("task_id", flat=True))
+
+
+@pytest.mark.usefixtures("no_publisher")
+def test_process_died_before_publishing__relay_delivers_each_once(token, start_relay) -> None:  # type: ignore[no-untyped-def]
+    with transaction.atomic():
+        ids = {read_item.delay(token, None, i).id for i in range(50)}
+    with transaction.atomic(using="other"):
+        ids.add(read_item.delay(token, None, 50).id)
+    start_relay()
+    wait_for(lambda: sum(delivered(token).values()) >= 51, timeout=60)
+    counts = delivered(token)
+    assert set(counts) == ids
+    assert max(counts.values()) == 1
+    wait_for(lambda: not OutboxMessage.objects.pending().exists())
+    assert not OutboxMessage.objects.using("other").pending().exists()
+
+
+def test_broker_down__callers_unharmed_rows_wait_relay_delivers(token, broker, start_relay) -> None:  # type: ignore[no-untyped-def]
+    item = Item.objects.create(name="outage")
+    broker.down()
+    try:
+        ids = set()
+        for version in range(1, 31):
+            with transaction.atomic():  # no exception may reach the caller
+                item.version = version
+                item.save()
+                ids.add(read_item.delay(token, item.pk, version).id)
+        publisher.flush(10)
+        assert Item.objects.get(pk=item.pk).version == 30
+        assert OutboxMessage.objects.pending().count() == 30
+        relay = start_relay()
+        time.sleep(4)  # past the grace period: the relay is trying, and failing
+        assert delivered(token) == Counter()
+        assert OutboxMessage.objects.pending().count() == 30
+    finally:
+        broker.up()
+    wait_for(lambda: sum(delivered(token).values()) >= 30, timeout=60)
+    counts = delivered(token)
+    assert set(counts) == ids
+    assert max(counts.values()) == 1
+    wait_for(lambda: not OutboxMessage.objects.pending().exists())
+    assert set(OutboxMessage.objects.values_list("attempts", flat=True)) == {0}
+    assert "broker unreachable" in relay.output()
+
+
+@pytest.mark.usefixtures("no_publisher")
+def test_several_relays__never_send_a_message_twice(token, start_relay) -> None:  # type: ignore[no-untyped-def]
+    with transaction.atomic():
+        ids = {read_item.delay(token, None, i).id for i in range(600)}
+    for n in range(3):
+        start_relay("--batch-size", "25", name=f"relay-{n}")
+    wait_for(lambda: sum(delivered(token).values()) >= 600, timeout=120)
+    time.sleep(1)
+    counts = delivered(token)
+    assert set(counts) == ids
+    assert [k for k, v in counts.items() if v > 1] == []
+
+
+def test_sigterm__relay_stops_cleanly(start_relay) -> None:  # type: ignore[no-untyped-def]
+    relay = start_relay()
+    wait_for(lambda: Lease.objects.filter(name__startswith="relay:").exists(), timeout=30)
+    relay.signal(signal.SIGTERM)
+    assert relay.proc.wait(15) == 0
+    assert not Lease.objects.filter(name__startswith="relay:").exists()
+
+
+def _raw_message(payload: str = '[["x"], {}]', **fields) -> OutboxMessage:  # type: ignore[no-untyped-def]
+    now = timezone.now()
+    return OutboxMessage.objects.create(
+        message_id=uuid.uuid4(),
+        task_name=read_item.name,
+        payload=payload,
+        content_type="application/json",
+        content_encoding="utf-8",
+        options="{}",
+        created_at=now,
+        due_at=now,
+        **fields,
+    )
+
+
+def test_poison_message__backs_off_then_dead_letter_without_blocking_others(  # type: ignore[no-untyped-def]
+    token, settings, request
+) -> None:
+    settings.AFTERCOMMIT = {**settings.AFTERCOMMIT, "MAX_ATTEMPTS": 3, "BACKOFF_BASE": 0.05}
+    poison = _raw_message("{not json")
+    good = _raw_message(json.dumps([[token], {}]))
+    relay = Relay(app, aliases=["default"])
+    request.addfinalizer(relay.close)
+    before = timezone.now()
+    relay.run_batch("default")
+    wait_for(lambda: delivered(token))
+    assert OutboxMessage.objects.get(pk=good.pk).status == Status.SENT
+    poison.refresh_from_db()
+    assert (poison.status, poison.attempts) == (Status.PENDING, 1)
+    assert poison.due_at > before  # pushed back by the backoff
+    assert "JSONDecodeError" in poison.last_error or "DecodeError" in poison.last_error
+    for _ in range(2):
+        wait_for(lambda: OutboxMessage.objects.due(timezone.now()).exists(), timeout=5)
+        relay.run_batch("default")
+    poison.refresh_from_db()
+    assert (poison.status, poison.attempts) == (Status.DEAD, 3)
+
+    out = io.StringIO()
+    call_command("aftercommit", "status", "--json", "--database", "default", stdout=out)
+    assert json.loads(out.getvalue())["default"]["dead"] == 1
+
+    call_command("aftercommit", "replay", "--database", "default", stdout=io.StringIO())
+    poison.refresh_from_db()
+    assert (poison.status, poison.attempts) == (Status.PENDING, 0)
+
+
+def test_backoff__doubles_capped_and_jittered(settings) -> None:  # type: ignore[no-untyped-def]
+    settings.AFTERCOMMIT = {"BACKOFF_BASE": 1.0, "BACKOFF_MAX": 10.0}
+    assert 0.5 <= backoff(1) <= 1.0
+    assert 2.0 <= backoff(3) <= 4.0
+    assert all(5.0 <= backoff(20) <= 10.0 for _ in range(50))
+    assert len({backoff(3) for _ in range(20)}) > 1
+
+
+def test_status_and_purge(token) -> None:  # type: ignore[no-untyped-def]
+    old = timezone.now() - dt.timedelta(days=30)
+    sent_old = _raw_message(status=Status.SENT, sent_at=old)
+    OutboxMessage.objects.filter(pk=sent_old.pk).update(due_at=old, created_at=old)
+    sent_new = _raw_message(status=Status.SENT, sent_at=timezone.now())
+    dead = _raw_message(status=Status.DEAD, attempts=10)
+    OutboxMessage.objects.filter(pk=dead.pk).update(due_at=old, created_at=old)
+    pending = _raw_message(attempts=2)
+    OutboxMessage.objects.filter(pk=pending.pk).update(
+        created_at=old, due_at=timezone.now() + dt.timedelta(hours=1)
+    )
+
+    out = io.StringIO()
+    call_command("aftercommit", "status", "--json", "--database", "default", stdout=out)
+    report = json.loads(out.getvalue())["default"]
+    assert report["backlog"] == 1
+    assert report["retrying"] == 1
+    assert report["dead"] == 1
+    assert report["oldest_pending_age"] >= 30 * 24 * 3600 - 5
+
+    out = io.StringIO()
+    call_command("aftercommit", "status", stdout=out)
+    assert "backlog" in out.getvalue() and "default" in out.getvalue()
+
+    call_command("aftercommit", "purge", "--database", "default", stdout=io.StringIO())
+    left = set(OutboxMessage.objects.values_list("pk", flat=True))
+    assert left == {sent_new.pk, dead.pk, pending.pk}
+
+
+def test_unknown_database__command_error() -> None:
+    from django.core.management.base import CommandError
+
+    with pytest.raises(CommandError, match="unknown database alias"):
+        call_command("aftercommit", "status", "--database", "nope")
