@@ -211,7 +211,14 @@ def test_countdown__counts_from_the_commit(token: str) -> None:
 
 def test_send_options__honoured(token: str) -> None:
     with transaction.atomic():
-        read_item.apply_async((token,), queue="other", priority=5, headers={"custom": "x"})
+        read_item.apply_async(
+            (token,),
+            queue="other",
+            priority=5,
+            headers={"custom": "x"},
+            retry=True,  # the call site's publish policy: accepted, the relay owns retries
+            retry_policy={"max_retries": 1},
+        )
     (run,) = ran(token)
     assert run.queue == "other"
     assert '"custom": "x"' in run.headers

@@ -39,8 +39,14 @@ SEND_OPTIONS = frozenset(
     }
 )  # fmt: skip
 
-# Held by the call site's process, not sent: the publisher brings its own.
-LOCAL_OPTIONS = frozenset({"producer", "connection", "publisher", "router", "result_cls"})
+# Meaningful only in the calling process, so not stored: the publisher brings its own producer and
+# its own retry policy (a failed send is the relay's to retry, with backoff).
+LOCAL_OPTIONS = frozenset(
+    {
+        "producer", "connection", "publisher", "router", "result_cls", "retry", "retry_policy",
+        "add_to_parent", "task_type",
+    }
+)  # fmt: skip
 
 BINARY = "binary"
 
