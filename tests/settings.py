@@ -72,6 +72,7 @@ for db, name in ((default, "default"), (other, "other")):
     if db["ENGINE"].endswith("mysql"):
         db["OPTIONS"] = {"isolation_level": "read committed"}
 DATABASES = {"default": default, "other": other}
+DATABASE_ROUTERS = ["tests.testapp.routers.TaskRunRouter"]
 
 # Subprocesses (the Celery worker, the relay) are pointed at the test databases pytest-django made.
 _test_names = os.environ.get("AFTERCOMMIT_TEST_DB_NAMES")
@@ -93,7 +94,7 @@ CELERY_BROKER_TRANSPORT_OPTIONS = (
         # The web process and the relay may write through a link the outage tests remove.
         "data_folder_out": os.environ.get("AFTERCOMMIT_TEST_FS_OUT", str(FS_BROKER_DIR)),
         "store_processed": False,
-        "polling_interval": 0.02,
+        "polling_interval": 0.005,
     }
     if BROKER_URL.startswith("filesystem")
     else {}
