@@ -93,6 +93,7 @@ CELERY_BROKER_TRANSPORT_OPTIONS = (
         "data_folder_in": str(FS_BROKER_DIR),
         # The web process and the relay may write through a link the outage tests remove.
         "data_folder_out": os.environ.get("AFTERCOMMIT_TEST_FS_OUT", str(FS_BROKER_DIR)),
+        "control_folder": str(STATE_DIR / "broker-control"),
         "store_processed": False,
         "polling_interval": 0.005,
     }

@@ -157,7 +157,8 @@ def test_poison_message__backs_off_then_dead_letter_without_blocking_others(  # 
     assert (poison.status, poison.attempts) == (Status.DEAD, 3)
 
     out = io.StringIO()
-    call_command("aftercommit", "status", "--json", "--database", "default", stdout=out)
+    with pytest.raises(SystemExit):  # unhealthy: no relay is running
+        call_command("aftercommit", "status", "--json", "--database", "default", stdout=out)
     assert json.loads(out.getvalue())["default"]["dead"] == 1
 
     call_command("aftercommit", "replay", "--database", "default", stdout=io.StringIO())
@@ -176,7 +177,7 @@ def test_backoff__doubles_capped_and_jittered(settings) -> None:  # type: ignore
 def test_status_and_purge(token) -> None:  # type: ignore[no-untyped-def]
     old = timezone.now() - dt.timedelta(days=30)
     sent_old = _raw_message(status=Status.SENT, sent_at=old)
-    OutboxMessage.objects.filter(pk=sent_old.pk).update(due_at=old, created_at=old)
+    OutboxMessage.objects.filter(pk=sent_old.pk).update(due_at=old, created_at=old, sent_at=old)
     sent_new = _raw_message(status=Status.SENT, sent_at=timezone.now())
     dead = _raw_message(status=Status.DEAD, attempts=10)
     OutboxMessage.objects.filter(pk=dead.pk).update(due_at=old, created_at=old)
@@ -186,7 +187,8 @@ def test_status_and_purge(token) -> None:  # type: ignore[no-untyped-def]
     )
 
     out = io.StringIO()
-    call_command("aftercommit", "status", "--json", "--database", "default", stdout=out)
+    with pytest.raises(SystemExit):  # unhealthy: no relay is running
+        call_command("aftercommit", "status", "--json", "--database", "default", stdout=out)
     report = json.loads(out.getvalue())["default"]
     assert report["backlog"] == 1
     assert report["retrying"] == 1
@@ -194,8 +196,10 @@ def test_status_and_purge(token) -> None:  # type: ignore[no-untyped-def]
     assert report["oldest_pending_age"] >= 30 * 24 * 3600 - 5
 
     out = io.StringIO()
-    call_command("aftercommit", "status", stdout=out)
+    with pytest.raises(SystemExit):
+        call_command("aftercommit", "status", stdout=out)
     assert "backlog" in out.getvalue() and "default" in out.getvalue()
+    assert "no relay heartbeat seen recently" in out.getvalue()
 
     call_command("aftercommit", "purge", "--database", "default", stdout=io.StringIO())
     left = set(OutboxMessage.objects.values_list("pk", flat=True))

@@ -92,6 +92,24 @@ SETTINGS: dict[str, Setting] = {
     "PURGE_BATCH_SIZE": Setting(
         1000, int, "Rows deleted per statement by purge, to keep locks short.", minimum=1
     ),
+    "HEALTH_MAX_BACKLOG": Setting(
+        10_000,
+        int,
+        "Pending messages above which `aftercommit status` exits non-zero and the health view "
+        "answers 503.",
+        minimum=0,
+    ),
+    "HEALTH_MAX_AGE": Setting(
+        300.0,
+        (int, float),
+        "Age in seconds of the oldest pending message above which status and health fail.",
+        minimum=0,
+    ),
+    "HEALTH_REQUIRE_RELAY": Setting(
+        True,
+        bool,
+        "Whether status and health fail when no relay has shown a heartbeat recently.",
+    ),
     "EXIT_FLUSH_TIMEOUT": Setting(
         5.0,
         (int, float),

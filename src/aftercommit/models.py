@@ -87,12 +87,12 @@ class OutboxMessageQuerySet(models.QuerySet["OutboxMessage"]):
         return self.filter(status=Status.DEAD).update(status=Status.PENDING, attempts=0, due_at=now)
 
     def purge_sent(self, *, before: dt.datetime, batch_size: int) -> int:
-        """Delete sent rows older than ``before`` in small batches, each its own transaction."""
+        """Delete rows sent before ``before`` in small batches, each its own short statement."""
         total = 0
         while True:
             ids = list(
-                self.filter(status=Status.SENT, due_at__lt=before)
-                .order_by("status", "due_at")
+                self.filter(sent_at__lt=before, status=Status.SENT)
+                .order_by("sent_at")
                 .values_list("id", flat=True)[:batch_size]
             )
             if not ids:
@@ -108,11 +108,13 @@ class OutboxMessageQuerySet(models.QuerySet["OutboxMessage"]):
             oldest=Min("created_at"),
         )
         dead = self.filter(status=Status.DEAD).count()
+        sent_last_minute = self.filter(sent_at__gte=now - dt.timedelta(minutes=1)).count()
         oldest = pending["oldest"]
         return {
             "backlog": pending["backlog"],
             "retrying": pending["retrying"],
             "dead": dead,
+            "sent_last_minute": sent_last_minute,
             "oldest_pending_age": (now - oldest).total_seconds() if oldest else None,
         }
 
@@ -142,7 +144,16 @@ class OutboxMessage(models.Model):
 
     class Meta:
         verbose_name = "outbox message"
-        indexes = [models.Index(fields=["status", "due_at"], name="aftercommit_status_due")]
+        indexes = [
+            models.Index(fields=["status", "due_at"], name="aftercommit_status_due"),
+            # Sent in the last minute, and retention: both a range of sent_at.
+            models.Index(fields=["sent_at"], name="aftercommit_sent_at"),
+        ]
+        permissions = [
+            ("view_payload", "Can read the arguments of outbox messages"),
+            ("retry_outboxmessage", "Can send dead letters again"),
+            ("discard_outboxmessage", "Can discard dead letters"),
+        ]
 
     def __str__(self) -> str:
         return f"{self.task_name} [{self.message_id}]"

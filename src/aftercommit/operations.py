@@ -45,18 +45,50 @@ def run_relay(databases: list[str] | None, *, batch_size: int | None, once: bool
 
 
 def status(databases: list[str] | None) -> dict[str, Any]:
-    return {alias: alias_status(alias) for alias in _aliases(databases)}
+    """Per database: the figures, plus what is wrong against the HEALTH_* thresholds."""
+    report = {}
+    for alias in _aliases(databases):
+        figures = alias_status(alias)
+        figures["problems"] = problems(figures)
+        report[alias] = figures
+    return report
+
+
+def problems(figures: dict[str, Any]) -> list[str]:
+    found = []
+    if figures["backlog"] > settings.HEALTH_MAX_BACKLOG:
+        found.append(
+            f"backlog {figures['backlog']} over HEALTH_MAX_BACKLOG {settings.HEALTH_MAX_BACKLOG}"
+        )
+    age = figures["oldest_pending_age"]
+    if age is not None and age > settings.HEALTH_MAX_AGE:
+        found.append(
+            f"oldest pending message is {age:.0f}s old, over HEALTH_MAX_AGE "
+            f"{settings.HEALTH_MAX_AGE:.0f}s"
+        )
+    if settings.HEALTH_REQUIRE_RELAY and not figures["relays"]:
+        found.append("no relay heartbeat seen recently: is `manage.py aftercommit relay` running?")
+    return found
+
+
+def healthy(report: dict[str, Any]) -> bool:
+    return not any(figures["problems"] for figures in report.values())
 
 
 def format_status(report: dict[str, Any]) -> str:
-    lines = [f"{'database':<12} {'backlog':>8} {'oldest':>9} {'retrying':>9} {'dead':>6}  relays"]
+    lines = [
+        f"{'database':<12} {'backlog':>8} {'oldest':>9} {'retrying':>9} {'dead':>6} "
+        f"{'sent/min':>9} {'relays':>7}"
+    ]
     for alias, s in report.items():
         age = s["oldest_pending_age"]
         oldest = "-" if age is None else f"{age:.1f}s"
         lines.append(
-            f"{alias:<12} {s['backlog']:>8} {oldest:>9} {s['retrying']:>9} {s['dead']:>6}  "
-            f"{len(s['relays'])}"
+            f"{alias:<12} {s['backlog']:>8} {oldest:>9} {s['retrying']:>9} {s['dead']:>6} "
+            f"{s['sent_last_minute']:>9} {len(s['relays']):>7}"
         )
+    for alias, s in report.items():
+        lines.extend(f"{alias}: {problem}" for problem in s["problems"])
     return "\n".join(lines)
 
 

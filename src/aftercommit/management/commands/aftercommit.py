@@ -47,6 +47,8 @@ class Command(BaseCommand):
                     self.stdout.write(json.dumps(report, indent=2, sort_keys=True))
                 else:
                     self.stdout.write(operations.format_status(report))
+                if not operations.healthy(report):
+                    raise SystemExit(1)  # for cron and probes: the output says why
             elif action == "purge":
                 for alias, deleted in operations.purge(databases, options["older_than"]).items():
                     self.stdout.write(f"{alias}: deleted {deleted} sent message(s)")
