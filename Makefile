@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test faults lint bench clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -13,6 +13,14 @@ $(BIN)/.installed: pyproject.toml
 
 test: $(BIN)/.installed  ## run the tests on every setup whose servers are reachable
 	$(BIN)/python tests/matrix.py $(ARGS)
+
+faults: $(BIN)/.installed  ## the long fault suite (a short form runs inside `make test`)
+	mkdir -p docs
+	printf '# Fault suite\n\n`make faults`, %s, on %s (%s cores).\n' "$$(date -u +%F)" \
+		"$$(uname -srm)" "$$(nproc)" > docs/faults.md
+	AFTERCOMMIT_FAULTS=long AFTERCOMMIT_FAULTS_REPORT=$(CURDIR)/docs/faults.md \
+		AFTERCOMMIT_SETUPS=postgresql+redis,postgresql+rabbitmq \
+		$(BIN)/python tests/matrix.py -m faults $(ARGS)
 
 lint: $(BIN)/.installed
 	$(BIN)/ruff check .

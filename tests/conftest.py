@@ -225,13 +225,17 @@ class Process:
     def __init__(self, name: str, argv: list[str], env: dict[str, str]) -> None:
         ARTIFACTS.mkdir(parents=True, exist_ok=True)
         self.log_path = ARTIFACTS / f"{name}.log"
-        self.log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
+        self.log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
             argv, env=env, cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT
         )
 
     def output(self) -> str:
         return self.log_path.read_text(errors="replace")
+
+    def printed_ids(self) -> set[str]:
+        """Task ids the process printed, one a line (tests/fault_writer.py)."""
+        return {line for line in self.output().split() if len(line) == 36 and line.count("-") == 4}
 
     def signal(self, sig: int) -> None:
         if self.proc.poll() is None:
@@ -251,7 +255,6 @@ class Process:
 @pytest.fixture(scope="session")
 def worker(broker: Broker, django_db_setup: None, django_db_blocker) -> Iterator[Process]:  # type: ignore[no-untyped-def]
     env = _subprocess_env(broker)
-    (ARTIFACTS / "worker.log").unlink(missing_ok=True)
     proc = Process(
         "worker",
         [
@@ -311,3 +314,24 @@ def start_relay(broker: Broker) -> Iterator[Callable[..., Process]]:
 @pytest.fixture
 def token(request: pytest.FixtureRequest) -> str:
     return f"{request.node.name[:60]}-{time.time_ns()}"
+
+
+# The fault suite's table --------------------------------------------------------------------------
+
+FAULT_ROWS: list[dict[str, object]] = []
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    if not FAULT_ROWS:
+        return
+    columns = list(FAULT_ROWS[0])
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(str(r[c]) for c in columns) + " |" for r in FAULT_ROWS]
+    table = "\n".join(lines)
+    size = "long" if os.environ.get("AFTERCOMMIT_FAULTS") == "long" else "short"
+    terminalreporter.write_sep("=", f"fault suite ({size})")
+    terminalreporter.write_line(table)
+    report = os.environ.get("AFTERCOMMIT_FAULTS_REPORT")
+    if report:
+        with open(report, "a") as out:
+            out.write(f"\n{table}\n")

@@ -69,6 +69,10 @@ for db, name in ((default, "default"), (other, "other")):
     if db["ENGINE"].endswith("sqlite3"):
         db["OPTIONS"] = {"timeout": 30}
         db["TEST"] = {"NAME": str(STATE_DIR / f"test_{name}.sqlite3")}
+    if db["ENGINE"].endswith("postgresql"):
+        # The fault suite cuts one process's connections by this name.
+        app_name = os.environ.get("AFTERCOMMIT_TEST_APP_NAME", "aftercommit-tests")
+        db["OPTIONS"] = {"application_name": app_name}
     if db["ENGINE"].endswith("mysql"):
         db["OPTIONS"] = {"isolation_level": "read committed"}
 DATABASES = {"default": default, "other": other}
@@ -98,6 +102,13 @@ CELERY_BROKER_TRANSPORT_OPTIONS = (
         "polling_interval": 0.005,
     }
     if BROKER_URL.startswith("filesystem")
+    # Redis hands an unacknowledged message (its worker died) to another after this long.
+    else {
+        "visibility_timeout": float(os.environ.get("AFTERCOMMIT_TEST_VISIBILITY", "3600")),
+        "unacked_restore_interval": 1,
+        "unacked_restore_throttle": 1,
+    }
+    if BROKER_URL.startswith("redis")
     else {}
 )
 CELERY_BROKER_CONNECTION_TIMEOUT = 2

@@ -51,3 +51,13 @@ def plain_read_item(
 def read_now(self: celery.Task, token: str) -> None:
     """Opted out of after-commit sending: published at the call."""
     _record(self, token, None, None)
+
+
+@shared_task(bind=True, acks_late=True)
+def slow_read(self: celery.Task, token: str, seconds: float = 3.0) -> None:
+    """Acknowledged only when done: a worker killed midway leaves it to run again. Only the first
+    run is slow, so the run after the kill finishes before Redis could hand it out a third time."""
+    first = not TaskRun.objects.filter(task_id=self.request.id).exists()
+    _record(self, token, None, None)
+    if first:
+        time.sleep(seconds)

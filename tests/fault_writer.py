@@ -1,0 +1,38 @@
+"""A web process for the fault suite: dispatches in transactions, and with --die, is SIGKILLed
+right after each commit and before its publisher can send (a hook registered before the dispatch
+runs first after the commit)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+
+import django
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--token", required=True)
+    parser.add_argument("--count", type=int, default=1, help="transactions")
+    parser.add_argument("--per-transaction", type=int, default=1)
+    parser.add_argument("--die", action="store_true", help="SIGKILL after the first commit")
+    args = parser.parse_args()
+
+    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "tests.settings")
+    django.setup()
+    from django.db import transaction
+
+    from tests.testapp.tasks import read_item
+
+    for n in range(args.count):
+        with transaction.atomic():
+            if args.die:
+                transaction.on_commit(lambda: os.kill(os.getpid(), signal.SIGKILL))
+            for i in range(args.per_transaction):
+                result = read_item.delay(args.token, None, n * args.per_transaction + i)
+                print(result.id, flush=True)
+
+
+if __name__ == "__main__":
+    main()
