@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import os
 import signal
+import sys
 
 import django
 
@@ -17,6 +18,9 @@ def main() -> None:
     parser.add_argument("--count", type=int, default=1, help="transactions")
     parser.add_argument("--per-transaction", type=int, default=1)
     parser.add_argument("--die", action="store_true", help="SIGKILL after the first commit")
+    parser.add_argument(
+        "--fork", action="store_true", help="fork after the first dispatch; both sides dispatch"
+    )
     args = parser.parse_args()
 
     os.environ.setdefault("DJANGO_SETTINGS_MODULE", "tests.settings")
@@ -24,6 +28,19 @@ def main() -> None:
     from django.db import transaction
 
     from tests.testapp.tasks import read_item
+
+    if args.fork:
+        # The publisher thread is running when the fork happens, like a gunicorn worker forked
+        # from a master that already sent something. Both sides must send through their own.
+        print(read_item.delay(args.token, None, 0).id, flush=True)
+        child = os.fork()
+        side = 1 if child == 0 else 2
+        with transaction.atomic():
+            print(read_item.delay(args.token, None, side).id, flush=True)
+        if child == 0:
+            sys.exit(0)  # atexit runs in the child too: its publisher flushes
+        os.waitpid(child, 0)
+        return
 
     for n in range(args.count):
         with transaction.atomic():

@@ -189,7 +189,11 @@ class Publisher:
         self._init_state()
         atexit.register(self.close)
         if hasattr(os, "register_at_fork"):
-            os.register_at_fork(after_in_child=self._init_state)
+            os.register_at_fork(
+                before=self._before_fork,
+                after_in_parent=self._after_fork_in_parent,
+                after_in_child=self._init_state,
+            )
 
     def _init_state(self) -> None:
         # After fork the parent's thread is gone and its lock may be held: start afresh. The
@@ -202,6 +206,18 @@ class Publisher:
         self._closing = False
         self._paused_until = 0.0
         self._failures = 0
+
+    def _before_fork(self) -> None:
+        # Fork only while the thread is idle: forked in the middle of a send (Celery imports lazily
+        # on that path), the child would inherit half-imported modules. Holding the lock across the
+        # fork keeps the thread from starting another batch; bounded, a stuck send cannot block it.
+        self._cond.acquire()
+        deadline = time.monotonic() + 2.0
+        while self._busy and (remaining := deadline - time.monotonic()) > 0:
+            self._cond.wait(remaining)
+
+    def _after_fork_in_parent(self) -> None:
+        self._cond.release()
 
     def submit(self, app: Celery, message: OutboxMessage) -> None:
         if not settings.PUBLISHER:
