@@ -117,7 +117,7 @@ class Task(celery.Task):  # type: ignore[misc]
     ) -> AsyncResult:
         """task_always_eager: run the task when the transaction commits, as production would."""
         alias = dispatch.resolve_alias(using, self.name)
-        serializer = options.pop("serializer", None) or self.serializer
+        serializer = options.get("serializer") or self.serializer
         dispatch.encode_arguments(self, args, kwargs, serializer)
         task_id = task_id or celery.uuid()
         for local in dispatch.LOCAL_OPTIONS:

@@ -204,7 +204,7 @@ def record(
         )
     check_options(name, options)
     alias = resolve_alias(using, name)
-    serializer = options.pop("serializer", None) or task.serializer or app.conf.task_serializer
+    serializer = options.get("serializer") or task.serializer or app.conf.task_serializer
     content_type, content_encoding, payload = encode_arguments(task, args, kwargs, serializer)
     for local in LOCAL_OPTIONS:
         options.pop(local, None)
