@@ -61,12 +61,16 @@ def delivered(token: str) -> Counter[str]:
     return Counter(TaskRun.objects.filter(token=token).values_list("task_id", flat=True))
 
 
+BROKERS = {"amqp": "rabbitmq", "pyamqp": "rabbitmq"}
+
+
 def row(scenario: str, ids: set[str], counts: Counter[str], errors: int, recover: float) -> None:
+    scheme = django_settings.BROKER_URL.split(":")[0]
     lost = len(ids - set(counts))
     duplicated = sum(n - 1 for key, n in counts.items() if key in ids)
     ROWS.append(
         {
-            "setup": f"{connections['default'].vendor}+{django_settings.BROKER_URL.split(':')[0]}",
+            "setup": f"{connections['default'].vendor}+{BROKERS.get(scheme, scheme)}",
             "scenario": scenario,
             "messages": len(ids),
             "lost": lost,
