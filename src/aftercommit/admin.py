@@ -62,7 +62,8 @@ class StateFilter(admin.SimpleListFilter):
 
 
 class TaskFilter(admin.SimpleListFilter):
-    """Choices from the Celery app's registry: a DISTINCT over millions of rows would be slow."""
+    """Choices from the Celery app's registry and the unsent rows (an index range): a DISTINCT over
+    millions of sent rows would be slow."""
 
     title = "task"
     parameter_name = "task"
@@ -70,8 +71,10 @@ class TaskFilter(admin.SimpleListFilter):
     def lookups(self, request: HttpRequest, model_admin: Any) -> list[tuple[str, str]]:
         from .operations import celery_app
 
-        names = sorted(n for n in celery_app().tasks if not n.startswith("celery."))
-        return [(name, name) for name in names]
+        names = {n for n in celery_app().tasks if not n.startswith("celery.")}
+        unsent = model_admin.get_queryset(request).filter(status__in=[Status.PENDING, Status.DEAD])
+        names.update(unsent.values_list("task_name", flat=True).distinct()[:500])
+        return [(name, name) for name in sorted(names)]
 
     def queryset(self, request: HttpRequest, queryset: QuerySet[Any]) -> QuerySet[Any]:
         value = self.value()
