@@ -18,6 +18,7 @@ from kombu import serialization
 from kombu.exceptions import ContentDisallowed, EncodeError
 from kombu.utils import json as kombu_json
 
+from . import signals
 from .conf import settings
 from .exceptions import AmbiguousDatabaseError, DispatchError
 from .models import OutboxMessage
@@ -228,6 +229,8 @@ def record(
         created_at=now,
         due_at=now + dt.timedelta(seconds=settings.GRACE_PERIOD),
     )
+
+    signals.send(signals.recorded, message=message, using=alias)
 
     def hand_over() -> None:
         on_commit(message)

@@ -20,6 +20,7 @@ from django.db import connections
 from django.utils import timezone
 from kombu import Connection
 
+from . import signals
 from .conf import settings
 from .dispatch import decode_arguments, decode_options
 from .models import OutboxMessage
@@ -170,12 +171,18 @@ def send(app: Celery, messages: Sequence[OutboxMessage], channel: Channel) -> Ou
 
 def mark_sent(messages: Iterable[OutboxMessage]) -> None:
     """One UPDATE per database for the whole batch."""
-    by_alias: dict[str, list[int]] = {}
+    by_alias: dict[str, list[OutboxMessage]] = {}
     for message in messages:
-        by_alias.setdefault(message._state.db or "default", []).append(message.id)
+        by_alias.setdefault(message._state.db or "default", []).append(message)
     now = timezone.now()
-    for alias, ids in by_alias.items():
-        OutboxMessage.objects.using(alias).mark_sent(ids, now)
+    for alias, batch in by_alias.items():
+        OutboxMessage.objects.using(alias).mark_sent([m.id for m in batch], now)
+        if signals.sent.has_listeners():
+            for message in batch:
+                committed = getattr(message, "committed_at", None)
+                since = committed if committed is not None else message.created_at.timestamp()
+                latency = time.time() - since
+                signals.send(signals.sent, message=message, using=alias, latency=latency)
 
 
 class Publisher:

@@ -24,6 +24,7 @@ from celery import Celery
 from django.db import connections, router
 from django.utils import timezone
 
+from . import signals
 from .conf import settings
 from .models import Lease, OutboxMessage
 from .publisher import Channel, mark_sent, send
@@ -137,6 +138,15 @@ class Relay:
             OutboxMessage.objects.using(alias).reschedule(
                 [m.id for m in outcome.unsent], timezone.now() + dt.timedelta(seconds=pause)
             )
+            error = f"broker unreachable: {outcome.broker_error}"
+            for message in outcome.unsent:
+                signals.send(
+                    signals.retried,
+                    message=message,
+                    using=alias,
+                    error=error,
+                    attempts=message.attempts,
+                )
             logger.warning(
                 "broker unreachable (%s); %d message(s) wait, next try in %.1fs",
                 outcome.broker_error,
@@ -169,6 +179,13 @@ class Relay:
             logger.error("%s is a dead letter after %d attempts: %s", message, attempts, error)
         else:
             logger.warning("%s failed (attempt %d): %s", message, attempts, error)
+        signals.send(
+            signals.dead if dead else signals.retried,
+            message=message,
+            using=alias,
+            error=error,
+            attempts=attempts,
+        )
 
     # Upkeep ----------------------------------------------------------------------------------
 

@@ -1,0 +1,36 @@
+"""Django signals for each step of a message's life, for metrics and audit.
+
+Every signal is sent with ``sender=OutboxMessage``; receivers get the keyword arguments below.
+A receiver that raises is logged and ignored (``send_robust``): observing must not break sending.
+
+- ``recorded(message, using)``: a call was stored in the caller's transaction (not yet committed).
+- ``sent(message, using, latency)``: the broker took it; ``latency`` is seconds since the commit
+  (or, for a message the relay sent, since it was recorded).
+- ``retried(message, using, error, attempts)``: a send failed and will be tried again.
+- ``dead(message, using, error, attempts)``: it failed ``MAX_ATTEMPTS`` times: a dead letter.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from django.dispatch import Signal
+
+logger = logging.getLogger("aftercommit.signals")
+
+recorded = Signal()
+sent = Signal()
+retried = Signal()
+dead = Signal()
+
+
+def send(signal: Signal, **kwargs: Any) -> None:
+    """Send without ever raising; the cost is one attribute check when nothing listens."""
+    if not signal.has_listeners():
+        return
+    from .models import OutboxMessage
+
+    for receiver, result in signal.send_robust(OutboxMessage, **kwargs):
+        if isinstance(result, Exception):
+            logger.error("signal receiver %r failed: %r", receiver, result)
