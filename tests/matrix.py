@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -57,6 +58,25 @@ def counts(output: str) -> dict[str, int]:
     return found
 
 
+@dataclass
+class Output:
+    code: int
+    text: str
+
+
+def run(argv: list[str], env: dict[str, str]) -> Output:
+    """Run pytest, streaming its output, and keep the output for the counts."""
+    proc = subprocess.Popen(
+        argv, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    assert proc.stdout is not None
+    lines = []
+    for line in proc.stdout:
+        sys.stdout.write(line)
+        lines.append(line)
+    return Output(proc.wait(), "".join(lines))
+
+
 def main(argv: list[str]) -> int:
     require = os.environ.get("REQUIRE_SERVICES") == "1"
     wanted = os.environ.get("AFTERCOMMIT_SETUPS", "")
@@ -86,27 +106,33 @@ def main(argv: list[str]) -> int:
         env["AFTERCOMMIT_ARTIFACTS"] = str(ROOT / ".artifacts" / name)
         env["AFTERCOMMIT_TEST_STATE"] = str(ROOT / ".artifacts" / name / "state")
         started = time.monotonic()
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "pytest", *argv],
-            cwd=ROOT,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        assert proc.stdout is not None
-        lines = []
-        for line in proc.stdout:
-            sys.stdout.write(line)
-            lines.append(line)
-        code = proc.wait()
-        found = counts("".join(lines))
-        if code not in (0, 5) and not found.get("failed"):
+        output = run([sys.executable, "-m", "pytest", *argv], env)
+        found = counts(output.text)
+        if output.code not in (0, 5) and not found.get("failed"):
             found["failed"] = found.get("failed", 0) + 1
         for key in totals:
             totals[key] += found.get(key, 0)
         summary.append(
             f"{name}: {found.get('passed', 0)} passed, {found.get('failed', 0)} failed, "
+            f"{found.get('skipped', 0)} skipped in {time.monotonic() - started:.0f}s"
+        )
+
+    # The example project (the demo, its propagation and its browser test) has its own settings,
+    # so it runs as one more pytest session, on its embedded defaults.
+    if not os.environ.get("AFTERCOMMIT_SKIP_EXAMPLE"):
+        print("\n=== example (sqlite+filesystem)", flush=True)
+        env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "BROKER_URL")}
+        env["AFTERCOMMIT_ARTIFACTS"] = str(ROOT / ".artifacts" / "example")
+        started = time.monotonic()
+        output = run([sys.executable, "-m", "pytest", "example/tests", "-c", "example/pytest.ini"],
+                     env)  # fmt: skip
+        found = counts(output.text)
+        if output.code not in (0, 5) and not found.get("failed"):
+            found["failed"] = 1
+        for key in totals:
+            totals[key] += found.get(key, 0)
+        summary.append(
+            f"example: {found.get('passed', 0)} passed, {found.get('failed', 0)} failed, "
             f"{found.get('skipped', 0)} skipped in {time.monotonic() - started:.0f}s"
         )
 
