@@ -12,6 +12,11 @@ import sys
 import django
 
 
+def emit(task_id: str) -> None:
+    # One write() a line: after a fork, two processes write to the same log file.
+    os.write(1, f"{task_id}\n".encode())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--token", required=True)
@@ -25,22 +30,25 @@ def main() -> None:
 
     os.environ.setdefault("DJANGO_SETTINGS_MODULE", "tests.settings")
     django.setup()
-    from django.db import transaction
+    from django.db import connections, transaction
 
     from tests.testapp.tasks import read_item
 
     if args.fork:
         # The publisher thread is running when the fork happens, like a gunicorn worker forked
         # from a master that already sent something. Both sides must send through their own.
-        print(read_item.delay(args.token, None, 0).id, flush=True)
+        emit(read_item.delay(args.token, None, 0).id)
+        # As gunicorn and Celery's prefork pool do: a database connection must not be shared
+        # across fork (the publisher thread's own connection stays with the parent's thread).
+        connections.close_all()
         child = os.fork()
         side = 1 if child == 0 else 2
         with transaction.atomic():
-            print(read_item.delay(args.token, None, side).id, flush=True)
+            emit(read_item.delay(args.token, None, side).id)
         if child == 0:
             sys.exit(0)  # atexit runs in the child too: its publisher flushes
-        os.waitpid(child, 0)
-        return
+        _, status = os.waitpid(child, 0)
+        sys.exit(os.waitstatus_to_exitcode(status))
 
     for n in range(args.count):
         with transaction.atomic():
@@ -48,7 +56,7 @@ def main() -> None:
                 transaction.on_commit(lambda: os.kill(os.getpid(), signal.SIGKILL))
             for i in range(args.per_transaction):
                 result = read_item.delay(args.token, None, n * args.per_transaction + i)
-                print(result.id, flush=True)
+                emit(result.id)
 
 
 if __name__ == "__main__":
