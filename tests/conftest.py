@@ -78,6 +78,16 @@ def services(django_db_blocker) -> None:  # type: ignore[no-untyped-def]
             connections["default"].close()
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _publisher_closed_before_teardown(django_db_setup: None) -> Iterator[None]:
+    """The publisher thread holds its own database connections; PostgreSQL refuses to drop a
+    test database someone is connected to, so the thread stops before the databases go."""
+    yield
+    from aftercommit.publisher import publisher
+
+    publisher.close()
+
+
 # A broker we can take away -----------------------------------------------------------------------
 
 

@@ -8,6 +8,7 @@ import shutil
 import uuid
 
 import pytest
+from django.db import connections
 from django.utils import timezone
 
 from aftercommit.models import OutboxMessage, Status
@@ -43,6 +44,9 @@ def browser():  # type: ignore[no-untyped-def]
         browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
         yield browser
         browser.close()
+        # Connections opened while Playwright's loop ran live in that context, out of reach of
+        # pytest-django's teardown (PostgreSQL would refuse to drop the test database).
+        connections.close_all()
 
 
 def add(status: int, **fields) -> None:  # type: ignore[no-untyped-def]
