@@ -9,6 +9,8 @@ class AftercommitConfig(AppConfig):
     default_auto_field = "django.db.models.BigAutoField"
 
     def ready(self) -> None:
-        from . import metrics
+        from . import checks, guard, metrics
 
         metrics.install()  # only does something when prometheus_client is installed
+        guard.install_all()
+        checks.register()

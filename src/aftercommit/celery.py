@@ -15,7 +15,7 @@ import celery
 from celery.result import AsyncResult
 from django.db import connections
 
-from . import dispatch
+from . import dispatch, guard
 from .models import OutboxMessage
 from .publisher import publisher
 
@@ -49,9 +49,10 @@ class Task(celery.Task):  # type: ignore[misc]
         if after_commit is None:
             after_commit = self.after_commit and not _sending_retry.get()
         if not after_commit:
-            return super().apply_async(
-                args, kwargs, task_id, producer, link, link_error, shadow, **options
-            )
+            with guard.exempt():  # an explicit choice (opt-out or retry), not a mistake
+                return super().apply_async(
+                    args, kwargs, task_id, producer, link, link_error, shadow, **options
+                )
         args = tuple(args or ())
         kwargs = dict(kwargs or {})
         options = self._send_options(args, kwargs, link, link_error, shadow, options)

@@ -20,7 +20,7 @@ from django.db import connections
 from django.utils import timezone
 from kombu import Connection
 
-from . import signals
+from . import guard, signals
 from .conf import settings
 from .dispatch import decode_arguments, decode_options
 from .models import OutboxMessage
@@ -140,17 +140,18 @@ def send(app: Celery, messages: Sequence[OutboxMessage], channel: Channel) -> Ou
             pending.popleft()
             continue
         try:
-            app.send_task(
-                message.task_name,
-                args,
-                kwargs,
-                task_id=str(message.message_id),
-                producer=producer,
-                task_type=app.tasks.get(message.task_name),
-                add_to_parent=False,
-                retry=False,
-                **options,
-            )
+            with guard.exempt():  # committed rows: never an unsafe publish
+                app.send_task(
+                    message.task_name,
+                    args,
+                    kwargs,
+                    task_id=str(message.message_id),
+                    producer=producer,
+                    task_type=app.tasks.get(message.task_name),
+                    add_to_parent=False,
+                    retry=False,
+                    **options,
+                )
         except errors as exc:
             channel.reset(broken=True)
             if not reconnected:  # a held connection may have gone stale: one fresh try

@@ -1,0 +1,103 @@
+"""The unsafe-dispatch guard: plain Celery publishes inside an open transaction are reported."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+from django.db import transaction
+
+from aftercommit import guard
+from aftercommit.exceptions import UnsafeDispatchError, UnsafeDispatchWarning
+from aftercommit.testing import guard as forced_guard
+from tests.celery_app import app
+from tests.testapp.tasks import plain_read_item, read_item, read_now
+
+THIS_FILE = __file__
+
+
+@pytest.mark.django_db(transaction=True)
+def test_plain_delay_inside_atomic__raises_with_task_alias_line_and_fix() -> None:
+    with pytest.raises(UnsafeDispatchError) as caught, transaction.atomic():
+        line = _line() + 1
+        plain_read_item.delay("guard")
+    text = str(caught.value)
+    assert "tests.testapp.tasks.plain_read_item" in text
+    assert "database 'default'" in text
+    assert f"{THIS_FILE}:{line}" in text
+    assert "aftercommit.celery:Task" in text and "on_commit" in text
+
+
+@pytest.mark.django_db(transaction=True)
+def test_send_task_inside_atomic__reported() -> None:
+    with pytest.raises(UnsafeDispatchError, match=r"tests\.guard\.anything"), transaction.atomic():
+        app.send_task("tests.guard.anything")
+
+
+@pytest.mark.django_db(transaction=True)
+def test_warn_mode__warning_points_at_the_caller() -> None:
+    with (
+        forced_guard("warn"),
+        transaction.atomic(),
+        pytest.warns(UnsafeDispatchWarning) as recorded,
+    ):
+        line = _line() + 1
+        plain_read_item.delay("guard-warn")
+    assert recorded[0].filename == THIS_FILE
+    assert recorded[0].lineno == line
+
+
+@pytest.mark.django_db(transaction=True)
+def test_off__nothing_reported() -> None:
+    with forced_guard("off"), transaction.atomic(), warnings.catch_warnings():
+        warnings.simplefilter("error")
+        plain_read_item.delay("guard-off")
+
+
+@pytest.mark.django_db(transaction=True)
+def test_outside_a_transaction__not_reported() -> None:
+    plain_read_item.delay("guard-outside")
+
+
+@pytest.mark.django_db(transaction=True)
+def test_aftercommit_task_and_opt_out_inside_atomic__not_reported() -> None:
+    with transaction.atomic():
+        read_item.delay("guard-ours")  # recorded, sent by the publisher after commit
+        read_now.delay("guard-now")  # after_commit=False: an explicit choice
+    from aftercommit.publisher import publisher
+
+    assert publisher.flush(timeout=10)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_exempt_block__not_reported() -> None:
+    with transaction.atomic(), guard.exempt():
+        plain_read_item.delay("guard-exempt")
+
+
+@pytest.mark.django_db
+def test_testcase_atomic__ignored_but_one_opened_by_the_code_is_caught() -> None:
+    plain_read_item.delay("guard-testcase")  # only TestCase's own atomic is open
+    with pytest.raises(UnsafeDispatchError), transaction.atomic():
+        plain_read_item.delay("guard-testcase-inner")
+
+
+def test_explicit_setting_wins_over_the_plugin_default(settings) -> None:  # type: ignore[no-untyped-def]
+    assert guard.session_default == "raise"
+    assert guard.mode() == "raise"
+    settings.AFTERCOMMIT = {**settings.AFTERCOMMIT, "GUARD": "off"}
+    assert guard.mode() == "off"
+    with forced_guard("warn"):
+        assert guard.mode() == "warn"
+
+
+def test_default_setting_is_warn(settings, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    monkeypatch.setattr(guard, "session_default", None)
+    settings.AFTERCOMMIT = {k: v for k, v in settings.AFTERCOMMIT.items() if k != "GUARD"}
+    assert guard.mode() == "warn"
+
+
+def _line() -> int:
+    import sys
+
+    return sys._getframe(1).f_lineno
