@@ -18,7 +18,10 @@ from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
 from typing import TYPE_CHECKING, Any
 
-import pytest
+try:  # the unittest mixin and the helpers work without pytest; the plugin needs it
+    import pytest
+except ImportError:  # pragma: no cover
+    pytest = None  # type: ignore[assignment]
 
 if TYPE_CHECKING:
     from .models import OutboxMessage
@@ -202,7 +205,7 @@ class AftercommitFixture(Captured):
     guard = staticmethod(guard)
 
 
-def pytest_configure(config: pytest.Config) -> None:
+def pytest_configure(config: Any) -> None:
     # The guard raises in tests: an unsafe publish fails the test that wrote it. An explicit
     # settings.AFTERCOMMIT["GUARD"] still wins (see guard.mode()).
     from . import guard as guard_module
@@ -210,8 +213,7 @@ def pytest_configure(config: pytest.Config) -> None:
     guard_module.session_default = "raise"
 
 
-@pytest.fixture
-def aftercommit() -> Iterator[AftercommitFixture]:
+def _aftercommit_fixture() -> Iterator[AftercommitFixture]:
     """Captures what the test dispatched; ``.assert_dispatched``, ``.commit()``, ``.drain()``..."""
     from . import signals
 
@@ -221,3 +223,7 @@ def aftercommit() -> Iterator[AftercommitFixture]:
         yield captured
     finally:
         signals.recorded.disconnect(captured._receive)
+
+
+if pytest is not None:
+    aftercommit = pytest.fixture(name="aftercommit")(_aftercommit_fixture)
