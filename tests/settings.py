@@ -91,6 +91,7 @@ if _test_names:
 
 BROKER_URL = os.environ.get("BROKER_URL", "") or "filesystem://"
 FS_BROKER_DIR = STATE_DIR / "broker"
+FS_BROKER_DIR.mkdir(exist_ok=True)  # a test may publish before the broker fixture has run
 CELERY_BROKER_URL = os.environ.get("AFTERCOMMIT_TEST_PROXY_URL") or BROKER_URL
 if BROKER_URL.startswith("filesystem"):
     CELERY_BROKER_TRANSPORT = "aftercommit.transport:FilesystemTransport"
