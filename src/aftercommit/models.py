@@ -42,9 +42,15 @@ class OutboxMessageQuerySet(models.QuerySet["OutboxMessage"]):
         Backends without SKIP LOCKED (SQLite) must hold the single-claimer lease (see Lease).
         """
         alias = self.db
+        skip_locked = self._skip_locked_supported()
         with transaction.atomic(using=alias):
+            if not skip_locked:
+                # SQLite: take the write lock before reading. A transaction that reads and then
+                # writes fails at once ("database is locked") when another connection, such as a
+                # publisher marking its batch sent, wrote in between; this statement waits instead.
+                self.model.objects.using(alias).filter(pk=-1).update(due_at=lease_until)
             qs = self.due(now)
-            if self._skip_locked_supported():
+            if skip_locked:
                 qs = qs.select_for_update(skip_locked=True)
             rows = list(qs[:limit])
             if rows:
