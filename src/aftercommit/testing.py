@@ -95,16 +95,19 @@ class Captured:
 
 
 @contextmanager
-def capture() -> Iterator[Captured]:
-    """Record what aftercommit dispatched inside the block (recorded rows, committed or not)."""
+def _listening(captured: Captured) -> Iterator[Captured]:
     from . import signals
 
-    captured = Captured()
     signals.recorded.connect(captured._receive, weak=False)
     try:
         yield captured
     finally:
         signals.recorded.disconnect(captured._receive)
+
+
+def capture() -> AbstractContextManager[Captured]:
+    """Record what aftercommit dispatched inside the block (recorded rows, committed or not)."""
+    return _listening(Captured())
 
 
 def commit(using: str = "default") -> AbstractContextManager[list[Any]]:
@@ -213,16 +216,10 @@ def pytest_configure(config: Any) -> None:
     guard_module.session_default = "raise"
 
 
-def _aftercommit_fixture() -> Iterator[AftercommitFixture]:
+def _aftercommit_fixture() -> Iterator[Captured]:
     """Captures what the test dispatched; ``.assert_dispatched``, ``.commit()``, ``.drain()``..."""
-    from . import signals
-
-    captured = AftercommitFixture()
-    signals.recorded.connect(captured._receive, weak=False)
-    try:
+    with _listening(AftercommitFixture()) as captured:
         yield captured
-    finally:
-        signals.recorded.disconnect(captured._receive)
 
 
 if pytest is not None:
