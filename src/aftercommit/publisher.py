@@ -11,10 +11,12 @@ import os
 import threading
 import time
 from collections import deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
+from amqp.exceptions import MessageNacked
 from celery import Celery
 from django.db import connections
 from django.utils import timezone
@@ -25,7 +27,20 @@ from .conf import settings
 from .dispatch import decode_arguments, decode_options
 from .models import OutboxMessage
 
+try:
+    from kombu.exceptions import BatchPublishError
+except ImportError:  # kombu < 5.7 has no publish batches: every publish is its own write
+
+    class BatchPublishError(Exception):  # type: ignore[no-redef]
+        pass
+
+
 logger = logging.getLogger("aftercommit.publisher")
+
+#: Messages written to the broker at once (one pipelined write on Redis), and the most commands
+#: such a write may hold (a queue with x-expires adds one per priority step to each message).
+CHUNK_SIZE = 500
+BATCH_MAX_COMMANDS = CHUNK_SIZE * 16
 
 
 class BrokerUnavailable(Exception):
@@ -49,11 +64,14 @@ class Channel:
         self.app = app
         self.connection: Connection | None = None
         self.producer: Any = None
+        self.confirms = False
+        self._published = 0  # the last AMQP delivery tag on the current channel
 
     def open(self) -> Any:
         if self.producer is None:
             connection = self.app.connection_for_write()
-            if connection.transport.driver_type == "amqp":
+            self.confirms = connection.transport.driver_type == "amqp"
+            if self.confirms:
                 # Without confirms a publish on a connection the broker already dropped "succeeds"
                 # into the socket buffer and the message is lost; we would mark it sent.
                 connection = self.app.connection_for_write(
@@ -68,8 +86,76 @@ class Channel:
             self.producer = self.app.amqp.Producer(connection, auto_declare=False)
         return self.producer
 
+    @contextmanager
+    def batch(self) -> Iterator[bool]:
+        """Publishes inside go to the broker together; yields whether they really do.
+
+        Redis (kombu 5.7+): one pipelined write at the end. AMQP with publisher confirms: every
+        publish goes out at once and the broker's acks are awaited once, at the end, instead of
+        one round trip a message. Anything else publishes one by one (yields False).
+        """
+        producer = self.producer
+        if hasattr(producer, "batch") and getattr(producer, "supports_batch_publish", False):
+            with producer.batch(max_size=BATCH_MAX_COMMANDS):
+                yield True
+        elif self.confirms:
+            with self._confirmed_together(producer.channel):
+                yield True
+        else:
+            yield False
+
+    @contextmanager
+    def _confirmed_together(self, channel: Any) -> Iterator[None]:
+        from amqp.exceptions import MessageNacked
+
+        if not channel._confirm_selected:
+            channel._confirm_selected = True
+            channel.confirm_select()
+        # Delivery tags number this channel's publishes from 1; only this class publishes on it.
+        # Acks are listened to as events: one may arrive while kombu waits for something else
+        # (a queue declaration) in the middle of the batch.
+        first = self._published + 1
+        acked: set[int] = set()
+        acked_upto = 0
+        refused: list[int] = []
+
+        def on_ack(delivery_tag: int, multiple: bool) -> None:
+            nonlocal acked_upto
+            if multiple:
+                acked_upto = max(acked_upto, delivery_tag)
+            else:
+                acked.add(delivery_tag)
+
+        def on_nack(delivery_tag: int, multiple: bool) -> None:
+            refused.append(delivery_tag)
+
+        def publish_now(*args: Any, **kwargs: Any) -> Any:
+            kwargs.pop("confirm_timeout", None)
+            result = channel._basic_publish(*args, **kwargs)
+            self._published += 1
+            return result
+
+        confirm_each = channel.basic_publish  # py-amqp's confirm-mode publish waits each time
+        channel.basic_publish = publish_now
+        channel.events["basic_ack"].add(on_ack)
+        channel.events["basic_nack"].add(on_nack)
+        try:
+            yield
+            last = self._published
+            while not refused and any(
+                tag > acked_upto and tag not in acked for tag in range(first, last + 1)
+            ):
+                channel.connection.drain_events(timeout=30)
+            if refused:
+                raise MessageNacked(f"the broker refused {len(refused)} message(s)")
+        finally:
+            channel.basic_publish = confirm_each
+            channel.events["basic_ack"].discard(on_ack)
+            channel.events["basic_nack"].discard(on_nack)
+
     def reset(self, *, broken: bool = False) -> None:
         connection, self.connection, self.producer = self.connection, None, None
+        self._published = 0
         if connection is not None:
             self._discard(connection, broken=broken)
 
@@ -121,53 +207,74 @@ def _aware(value: dt.datetime) -> dt.datetime:
 
 
 def send(app: Celery, messages: Sequence[OutboxMessage], channel: Channel) -> Outcome:
-    """Publish ``messages`` in order with one producer. Stops at the first broker error."""
+    """Publish ``messages`` in order with one producer. Stops at the first broker error.
+
+    Where the transport can (kombu 5.7's ``Producer.batch``: Redis), each chunk of messages goes
+    out in one pipelined write instead of one round trip a message. A chunk whose write fails has
+    an uncertain outcome, so it counts as unsent: sending it again may duplicate a message, never
+    lose one.
+    """
     outcome = Outcome()
     errors = channel.broker_errors()
     pending = deque(messages)
     reconnected = False
     while pending:
-        message = pending[0]
         try:
             producer = channel.open()
-            args, kwargs = decode_arguments(message)
-            options = _send_time_options(message, decode_options(message))
         except BrokerUnavailable as exc:
             outcome.broker_error = exc
             break
-        except Exception as exc:  # this row cannot be read back: its own failure
-            outcome.failed.append((message, exc))
-            pending.popleft()
-            continue
+        chunk = [pending.popleft() for _ in range(min(CHUNK_SIZE, len(pending)))]
+        published: list[OutboxMessage] = []
+        batched = True  # until the batch says otherwise, nothing of the chunk is known sent
         try:
-            with guard.exempt():  # committed rows: never an unsafe publish
-                app.send_task(
-                    message.task_name,
-                    args,
-                    kwargs,
-                    task_id=str(message.message_id),
-                    producer=producer,
-                    task_type=app.tasks.get(message.task_name),
-                    add_to_parent=False,
-                    retry=False,
-                    **options,
-                )
-        except errors as exc:
+            with channel.batch() as batched:
+                for message in chunk:
+                    try:
+                        _publish(app, producer, message)
+                    except (*errors, BatchPublishError, MessageNacked):
+                        raise
+                    except Exception as exc:  # this message cannot be sent: its own failure
+                        outcome.failed.append((message, exc))
+                    else:
+                        published.append(message)
+        except (*errors, BatchPublishError, MessageNacked) as exc:
             channel.reset(broken=True)
-            if not reconnected:  # a held connection may have gone stale: one fresh try
-                reconnected = True
-                continue
-            outcome.broker_error = exc
-            break
-        except Exception as exc:
-            outcome.failed.append((message, exc))
-            pending.popleft()
+            failed = {id(m) for m, _ in outcome.failed}
+            if batched:  # nothing of the chunk is known to have arrived
+                retry = [m for m in chunk if id(m) not in failed]
+            else:  # each publish before the error went out on its own
+                outcome.sent.extend(published)
+                done = {id(m) for m in published} | failed
+                retry = [m for m in chunk if id(m) not in done]
+            pending.extendleft(reversed(retry))
+            if reconnected:
+                outcome.broker_error = exc
+                break
+            reconnected = True  # a held connection may have gone stale: one fresh try
             continue
         reconnected = False
-        outcome.sent.append(message)
-        pending.popleft()
+        outcome.sent.extend(published)
     outcome.unsent.extend(pending)
     return outcome
+
+
+def _publish(app: Celery, producer: Any, message: OutboxMessage) -> None:
+    """One row through Celery's own message building, with the row's id as the task id."""
+    args, kwargs = decode_arguments(message)
+    options = _send_time_options(message, decode_options(message))
+    with guard.exempt():  # committed rows: never an unsafe publish
+        app.send_task(
+            message.task_name,
+            args,
+            kwargs,
+            task_id=str(message.message_id),
+            producer=producer,
+            task_type=app.tasks.get(message.task_name),
+            add_to_parent=False,
+            retry=False,
+            **options,
+        )
 
 
 def mark_sent(messages: Iterable[OutboxMessage]) -> None:
