@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import base64
 import datetime as dt
+import os
+import time
 import uuid
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -50,6 +52,20 @@ LOCAL_OPTIONS = frozenset(
 )  # fmt: skip
 
 BINARY = "binary"
+
+
+def time_ordered_uuid() -> uuid.UUID:
+    """A UUIDv7 (RFC 9562): Unix milliseconds, then random bits.
+
+    The message id is the Celery task id and the outbox's unique key. A random (v4) id puts each
+    new row on a random page of that index, which stops fitting in memory once millions of sent
+    rows are kept: measured, one buffer miss and a full-page image (15x the WAL) per dispatch.
+    Time-ordered ids land on the index's right edge, as the primary key does.
+    """
+    value = (time.time_ns() // 1_000_000) << 80 | int.from_bytes(os.urandom(10), "big")
+    value = value & ~(0xF << 76) | 0x7 << 76  # version 7
+    value = value & ~(0x3 << 62) | 0x2 << 62  # RFC 9562 variant
+    return uuid.UUID(int=value)
 
 
 def user_atomic_open(connection: BaseDatabaseWrapper) -> bool:
@@ -215,7 +231,7 @@ def record(
         except ValueError as exc:
             raise DispatchError(f"{name}: task_id must be a UUID, got {task_id!r}.") from exc
     else:
-        message_id = uuid.uuid4()
+        message_id = time_ordered_uuid()
     encoded_options = encode_options(name, options)
 
     now = timezone.now()
