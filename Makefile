@@ -21,9 +21,26 @@ faults: $(BIN)/.installed  ## the long fault suite (a short form runs inside `ma
 	mkdir -p docs
 	printf '# Fault suite\n\n`make faults`, %s, on %s (%s cores).\n' "$$(date -u +%F)" \
 		"$$(uname -srm)" "$$(nproc)" > docs/faults.md
-	AFTERCOMMIT_FAULTS=long AFTERCOMMIT_FAULTS_REPORT=$(CURDIR)/docs/faults.md AFTERCOMMIT_SKIP_EXAMPLE=1 \
+	AFTERCOMMIT_FAULTS=long AFTERCOMMIT_FAULTS_REPORT=$(CURDIR)/docs/faults.md AFTERCOMMIT_SKIP_EXAMPLE=1 AFTERCOMMIT_SKIP_BENCH=1 \
 		AFTERCOMMIT_SETUPS=postgresql+redis,postgresql+rabbitmq \
 		$(BIN)/python tests/matrix.py -m faults $(ARGS)
+
+# Every benchmark in one run on PostgreSQL + Redis (and RabbitMQ for the drain), then the report.
+# BENCH_ARGS=--quick runs the small form that only checks the code (`make test` runs it).
+BENCH_OUT ?= $(CURDIR)/benchmarks/results
+BENCH_REPORT ?= $(CURDIR)/benchmarks/REPORT.md
+BENCH := BENCH_OUT=$(BENCH_OUT) $(BIN)/python benchmarks
+bench: $(BIN)/.installed  ## side-by-side benchmarks -> benchmarks/REPORT.md (about 15 minutes)
+	mkdir -p $(BENCH_OUT) && rm -f $(BENCH_OUT)/*.json $(BENCH_OUT)/*.png
+	$(BENCH)/request_path.py $(BENCH_ARGS)
+	$(BENCH)/latency.py $(BENCH_ARGS)
+	$(BENCH)/drain.py $(BENCH_ARGS)
+	BROKER_URL=amqp://guest:guest@127.0.0.1:5672// $(BENCH)/drain.py \
+		--messages 20000 --baseline-messages 5000 $(BENCH_ARGS)
+	$(BENCH)/memory.py $(BENCH_ARGS)
+	$(BENCH)/propagation.py $(BENCH_ARGS)
+	$(BENCH)/big_outbox.py $(BENCH_ARGS)
+	$(BENCH)/report.py --output $(BENCH_REPORT)
 
 lint: $(BIN)/.installed
 	$(BIN)/ruff check .

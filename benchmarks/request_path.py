@@ -1,9 +1,17 @@
 """Request-path cost of an admin-like save with one task dispatch, four ways, in one run.
 
-    python benchmarks/request_path.py [--saves 2000]
+    python benchmarks/request_path.py [--saves 2000] [--quick]
 
-Uses DATABASE_URL / BROKER_URL (default: PostgreSQL `aftercommit_bench` and Redis db 7 on
-127.0.0.1). No worker runs: only what the request pays is measured; the queue is purged after.
+An admin-like save is an UPDATE of one row in ``transaction.atomic()``; the four ways dispatch
+nothing, plain ``.delay()`` (the seed's bug), Celery's ``delay_on_commit`` and aftercommit's
+``.delay()``. The ways are interleaved save by save so drift on a shared machine hits all alike.
+
+Two figures a way:
+- the request's latency: the save from ``atomic()`` to its return, with aftercommit's background
+  publisher given time to finish between saves (untimed), as between two requests;
+- the CPU a save costs the process, background publisher included: process CPU time over a run of
+  back-to-back saves, then the publisher flushed, divided by the saves.
+No worker runs (only what the web process pays is measured); the queue is purged after.
 """
 
 from __future__ import annotations
@@ -13,47 +21,22 @@ import os
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-os.environ.setdefault("DATABASE_URL", "postgres://postgres@127.0.0.1:5432/aftercommit_bench")
-os.environ.setdefault("BROKER_URL", "redis://127.0.0.1:6379/7")
-os.environ.setdefault("AFTERCOMMIT_TEST_STATE", "/tmp/aftercommit-bench")
-os.environ["DJANGO_SETTINGS_MODULE"] = "tests.settings"
-
-
-def ensure_database() -> None:
-    import dj_database_url
-    import psycopg
-
-    db = dj_database_url.parse(os.environ["DATABASE_URL"])
-    if not db["ENGINE"].endswith("postgresql"):
-        return
-    with psycopg.connect(
-        host=db["HOST"] or "127.0.0.1", port=db["PORT"] or 5432, user=db["USER"],
-        dbname="postgres", autocommit=True,
-    ) as conn:  # fmt: skip
-        exists = "SELECT 1 FROM pg_database WHERE datname = %s"
-        if not conn.execute(exists, [db["NAME"]]).fetchone():
-            conn.execute(f'CREATE DATABASE "{db["NAME"]}"')
-            conn.execute(f'CREATE DATABASE "{db["NAME"]}_other"')
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--saves", type=int, default=2000)
+    parser.add_argument("--quick", action="store_true", help="a small run that checks the code")
     args = parser.parse_args()
-
-    ensure_database()
-    import django
-
-    django.setup()
-    from django.core.management import call_command
+    if args.quick:
+        args.saves = 50
+    common.setup_test_project()
     from django.db import transaction
-
-    call_command("migrate", verbosity=0)
-    call_command("migrate", database="other", verbosity=0)
     from tests.celery_app import app
     from tests.testapp.models import Item
     from tests.testapp.tasks import plain_read_item, read_item
@@ -62,7 +45,7 @@ def main() -> None:
 
     item = Item.objects.create(name="bench")
 
-    def save(dispatch) -> float:  # type: ignore[no-untyped-def]
+    def save(dispatch: Callable[[], object]) -> float:
         started = time.perf_counter()
         with transaction.atomic():
             item.version += 1
@@ -70,37 +53,87 @@ def main() -> None:
             dispatch()
         return time.perf_counter() - started
 
-    modes = {
+    ways: dict[str, Callable[[], object]] = {
         "no task": lambda: None,
-        "plain .delay()": lambda: plain_read_item.delay("bench", item.pk, item.version),
+        "plain `.delay()`": lambda: plain_read_item.delay("bench", item.pk, item.version),
         # What Celery's DjangoTask.delay_on_commit does: on_commit(partial(self.delay, ...)).
-        "delay_on_commit": lambda: transaction.on_commit(
+        "Celery `delay_on_commit`": lambda: transaction.on_commit(
             lambda: plain_read_item.delay("bench", item.pk, item.version)
         ),
-        "aftercommit .delay()": lambda: read_item.delay("bench", item.pk, item.version),
+        "aftercommit `.delay()`": lambda: read_item.delay("bench", item.pk, item.version),
     }
-    results: dict[str, list[float]] = {name: [] for name in modes}
     for _ in range(50):  # warm up connections, imports and the publisher thread
-        for dispatch in modes.values():
+        for dispatch in ways.values():
             save(dispatch)
     publisher.flush(30)
-    # Interleave the modes so drift on a shared machine hits all of them alike.
+
+    latency: dict[str, list[float]] = {name: [] for name in ways}
     for _ in range(args.saves):
-        for name, dispatch in modes.items():
-            results[name].append(save(dispatch))
-    publisher.flush(60)
+        for name, dispatch in ways.items():
+            latency[name].append(save(dispatch))
+            publisher.flush(10)  # the publisher's work is not the next request's
+
+    cpu: dict[str, float] = {}
+    runs = max(1, args.saves // 200)
+    block = 200 if not args.quick else 20
+    totals = {name: 0.0 for name in ways}
+    for _ in range(runs):  # short blocks, alternating, so drift hits every way alike
+        for name, dispatch in ways.items():
+            started = time.process_time()
+            for _ in range(block):
+                save(dispatch)
+            publisher.flush(60)
+            totals[name] += time.process_time() - started
+    cpu = {name: total / (runs * block) for name, total in totals.items()}
     with app.connection_for_write() as conn:
         conn.default_channel.queue_purge("celery")
 
-    base = statistics.median(results["delay_on_commit"])
-    print(f"\nrequest path, {args.saves} admin-like saves per mode ({os.environ['DATABASE_URL']}, "
-          f"{os.environ['BROKER_URL']})")  # fmt: skip
-    print(f"{'mode':<22} {'median ms':>10} {'p90 ms':>8} {'vs delay_on_commit':>19}")
-    for name, samples in results.items():
-        samples.sort()
+    base = "Celery `delay_on_commit`"
+    base_median = statistics.median(latency[base])
+    rows = []
+    for name, samples in latency.items():
         median = statistics.median(samples)
-        p90 = samples[int(len(samples) * 0.9)]
-        print(f"{name:<22} {median * 1000:>10.3f} {p90 * 1000:>8.3f} {median / base:>18.2f}x")
+        rows.append(
+            [
+                name,
+                f"{median * 1000:.3f}",
+                f"{common.percentile(samples, 90) * 1000:.3f}",
+                f"{median / base_median:.2f}x",
+                f"{cpu[name] * 1000:.3f}",
+                f"{cpu[name] / cpu[base]:.2f}x",
+            ]
+        )
+    ours = statistics.median(latency["aftercommit `.delay()`"]) / base_median
+    markdown = (
+        f"{args.saves:,} admin-like saves a way (an UPDATE in `atomic()` plus one dispatch), "
+        f"interleaved; PostgreSQL with `synchronous_commit=on`, broker "
+        f"`{os.environ['BROKER_URL'].split('://')[0]}`, no worker.\n\n"
+        + common.table(
+            [
+                "way",
+                "latency median ms",
+                "p90 ms",
+                "vs delay_on_commit",
+                "CPU ms a save (publisher included)",
+                "vs delay_on_commit",
+            ],
+            rows,
+        )
+        + f"\n\nTarget: aftercommit at most 0.6x `delay_on_commit` on the request path — "
+        f"{ours:.2f}x: **{'met' if ours <= 0.6 else 'missed'}**."
+    )
+    common.write_section(
+        name="request_path",
+        order=1,
+        title="1. Request-path cost of an admin-like save with one dispatch",
+        markdown=markdown,
+        data={
+            "saves": args.saves,
+            "latency_ms": {k: [round(x * 1000, 4) for x in v] for k, v in latency.items()},
+            "cpu_ms": {k: v * 1000 for k, v in cpu.items()},
+        },
+        quick=args.quick,
+    )
 
 
 if __name__ == "__main__":

@@ -136,6 +136,29 @@ def main(argv: list[str]) -> int:
             f"{found.get('skipped', 0)} skipped in {time.monotonic() - started:.0f}s"
         )
 
+    # The benchmarks' short form: every benchmark runs on a few hundred messages, so a change that
+    # breaks one shows here; the figures come from `make bench`.
+    if not os.environ.get("AFTERCOMMIT_SKIP_BENCH") and not argv and "custom" not in chosen:
+        name = "benchmarks --quick"
+        database_url, redis_url = SETUPS["postgresql+redis"]
+        problem = unreachable(database_url, redis_url, SETUPS["postgresql+rabbitmq"][1])
+        if problem:
+            verdict = "FAILED, REQUIRE_SERVICES=1 and" if require else "skipped,"
+            summary.append(f"{name}: {verdict} {problem}")
+            totals["failed" if require else "skipped"] += 1
+        else:
+            print(f"\n=== {name}", flush=True)
+            out = ROOT / ".artifacts" / "bench"
+            report = out / "REPORT.md"
+            env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "BROKER_URL")}
+            started = time.monotonic()
+            make = ["make", "--no-print-directory", "bench", "BENCH_ARGS=--quick"]
+            output = run([*make, f"BENCH_OUT={out}", f"BENCH_REPORT={report}"], env)
+            verdict = "passed" if output.code == 0 else "FAILED"
+            totals["passed" if output.code == 0 else "failed"] += 1
+            took = time.monotonic() - started
+            summary.append(f"{name}: {verdict} in {took:.0f}s, report in {report}")
+
     print("\n=== summary")
     for line in summary:
         print(line)

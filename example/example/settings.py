@@ -102,4 +102,4 @@ AFTERCOMMIT = {
 }
 
 # How many products one bulk UPDATE of a propagation touches.
-CATALOG_CHUNK_SIZE = int(os.environ.get("EXAMPLE_CHUNK_SIZE", "2000"))
+CATALOG_CHUNK_SIZE = int(os.environ.get("EXAMPLE_CHUNK_SIZE", "10000"))

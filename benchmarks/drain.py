@@ -1,0 +1,237 @@
+"""Draining a backlog (the broker was down): the relay vs a Celery apply_async loop vs the ceiling.
+
+    python benchmarks/drain.py [--messages 100000] [--quick]
+
+One run, one broker (BROKER_URL, default Redis db 7), no worker (the queue is purged between
+ways), and the same task and arguments three ways:
+
+- a Celery ``apply_async`` loop with one held producer: what a script re-sending a backlog does;
+- the broker's own pipelined push of the very message Celery built (Redis LPUSH in pipelines of
+  1,000): the ceiling, no Python message building at all;
+- ``manage.py aftercommit relay --once`` over an outbox of ``--messages`` due rows, one process and
+  then two at once (they share the rows through SKIP LOCKED). Its rate is read from the rows'
+  ``sent_at`` (first to last), so process start-up is not counted; its resident memory is sampled
+  every 0.1 s while it drains (section 6 plots it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common
+
+TASK = "tests.testapp.tasks.read_item"
+
+
+def queue_length(app: Any) -> int:
+    with app.connection_for_write() as conn:
+        queue = app.amqp.queues[app.conf.task_default_queue](conn.default_channel)
+        return int(queue.queue_declare(passive=True).message_count)
+
+
+def purge(app: Any) -> None:
+    """Empty the task queue (declared first: on RabbitMQ it may not exist yet)."""
+    with app.connection_for_write() as conn:
+        queue = app.amqp.queues[app.conf.task_default_queue](conn.default_channel)
+        queue.declare()
+        queue.purge()
+
+
+def apply_async_loop(app: Any, count: int) -> float:
+    """Seconds for ``count`` plain Celery apply_async calls through one held producer."""
+    from tests.testapp.tasks import plain_read_item
+
+    purge(app)
+    with app.producer_or_acquire() as producer:
+        plain_read_item.apply_async(("warm-up", 0, 0), producer=producer)
+        started = time.perf_counter()
+        for i in range(count):
+            plain_read_item.apply_async(("drain", i, 1), producer=producer)
+        elapsed = time.perf_counter() - started
+    assert queue_length(app) == count + 1, "the apply_async loop lost messages"
+    return elapsed
+
+
+def pipelined_push(app: Any, count: int) -> float | None:
+    """Seconds for the broker to take ``count`` copies of a Celery-built message, pipelined.
+
+    Redis only: AMQP has no pipelined publish to compare with. Expects the queue to hold messages.
+    """
+    with app.connection_for_write() as conn:
+        if conn.transport.driver_type != "redis":
+            return None
+        client = conn.default_channel.client
+        body = client.lindex("celery", 0)
+        client.delete("celery")
+        started = time.perf_counter()
+        pipe = client.pipeline(transaction=False)
+        for i in range(count):
+            pipe.lpush("celery", body)
+            if i % 1000 == 999:
+                pipe.execute()
+        pipe.execute()
+        elapsed = time.perf_counter() - started
+        assert client.llen("celery") == count
+        client.delete("celery")
+    return elapsed
+
+
+def fill_outbox(count: int) -> None:
+    """``count`` due rows, each a real dispatch's row with its own id and arguments."""
+    from django.db import connection, transaction
+    from django.test.utils import override_settings
+    from tests.testapp.tasks import read_item
+
+    from aftercommit.models import OutboxMessage
+
+    OutboxMessage.objects.all().delete()
+    with override_settings(AFTERCOMMIT={"PUBLISHER": False}), transaction.atomic():
+        read_item.delay("drain", 0, 1)  # the template: what a real call stores
+    with connection.cursor() as cursor:
+        cursor.execute(
+            """
+            INSERT INTO aftercommit_outboxmessage (message_id, task_name, payload, content_type,
+                content_encoding, options, status, created_at, due_at, attempts, last_error)
+            SELECT gen_random_uuid(), t.task_name,
+                   '[["drain", ' || g || ', 1], {}]', t.content_type, t.content_encoding,
+                   t.options, 0, now() - interval '1 minute', now() - interval '1 minute', 0, ''
+            FROM aftercommit_outboxmessage t, generate_series(1, %s) g
+            """,
+            [count - 1],
+        )
+        cursor.execute("UPDATE aftercommit_outboxmessage SET due_at = now() - interval '1 minute'")
+        cursor.execute("ANALYZE aftercommit_outboxmessage")
+
+
+def run_relays(processes: int, count: int, batch_size: int) -> dict[str, Any]:
+    """Start ``processes`` relays on the filled outbox; rate from sent_at, RSS sampled."""
+    from django.db.models import Max, Min
+
+    from aftercommit.models import OutboxMessage
+
+    env = dict(os.environ, PYTHONPATH=str(common.ROOT))
+    argv = [
+        sys.executable, "-m", "django", "aftercommit", "relay", "--once",
+        "--batch-size", str(batch_size),
+    ]  # fmt: skip
+    procs = [subprocess.Popen(argv, env=env, cwd=common.ROOT) for _ in range(processes)]
+    samples: list[tuple[float, int]] = []  # (seconds since start, KiB) of the first relay
+    started = time.monotonic()
+
+    def sample() -> None:
+        while procs[0].poll() is None:
+            try:
+                samples.append((time.monotonic() - started, common.rss_kib(procs[0].pid)))
+            except (OSError, StopIteration):
+                break
+            time.sleep(0.1)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    for proc in procs:
+        if proc.wait(timeout=900) != 0:
+            raise SystemExit(f"a relay exited with {proc.returncode}")
+    sampler.join()
+    rows = OutboxMessage.objects.aggregate(first=Min("sent_at"), last=Max("sent_at"))
+    left = OutboxMessage.objects.filter(status=0).count()
+    if left:
+        raise SystemExit(f"{left} message(s) left unsent after the relay stopped")
+    span = (rows["last"] - rows["first"]).total_seconds()
+    # The first batch's rows are stamped when it is done: count from there.
+    rate = (count - batch_size * processes) / span
+    return {"processes": processes, "rate": rate, "span": span, "rss": samples}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--messages", type=int, default=100_000)
+    parser.add_argument(
+        "--baseline-messages",
+        type=int,
+        default=30_000,
+        help="apply_async calls timed (its rate does not depend on the backlog's size)",
+    )
+    parser.add_argument("--batch-size", type=int, default=500)
+    parser.add_argument("--quick", action="store_true", help="a small run that checks the code")
+    args = parser.parse_args()
+    if args.quick:
+        args.messages, args.baseline_messages = 3000, 1000
+    common.setup_test_project()
+    from tests.celery_app import app
+
+    broker = os.environ["BROKER_URL"]
+    print(f"draining a backlog on {broker}, {os.environ['DATABASE_URL']}", flush=True)
+    loop = apply_async_loop(app, args.baseline_messages)
+    loop_rate = args.baseline_messages / loop
+    print(f"apply_async loop: {loop_rate:,.0f}/s", flush=True)
+    push = pipelined_push(app, args.messages)
+    push_rate = args.messages / push if push else None
+    purge(app)
+    relays = []
+    for processes in (1, 2):
+        fill_outbox(args.messages)
+        result = run_relays(processes, args.messages, args.batch_size)
+        assert queue_length(app) == args.messages, "the relay lost or duplicated messages"
+        purge(app)
+        relays.append(result)
+        print(f"relay x{processes}: {result['rate']:,.0f}/s", flush=True)
+
+    rows = [
+        ["Celery `apply_async` loop, one held producer", f"{loop_rate:,.0f}", "1.00x", ""],
+    ]
+    for result in relays:
+        ways = "1 process" if result["processes"] == 1 else f"{result['processes']} processes"
+        rows.append(
+            [
+                f"aftercommit relay, {ways}",
+                f"{result['rate']:,.0f}",
+                f"{result['rate'] / loop_rate:.2f}x",
+                f"{result['rate'] / push_rate:.1%} of the ceiling" if push_rate else "",
+            ]
+        )
+    if push_rate:
+        rows.append(
+            [
+                "Redis pipelined LPUSH of the same message (ceiling)",
+                f"{push_rate:,.0f}",
+                f"{push_rate / loop_rate:.2f}x",
+                "",
+            ]
+        )
+    one = relays[0]["rate"] / loop_rate
+    target = "met" if one >= 5 else "missed"
+    markdown = (
+        f"{args.messages:,} due messages in the outbox (the broker was down), drained into "
+        f"`{broker.split('://')[0]}` with no worker running; the `apply_async` loop timed over "
+        f"{args.baseline_messages:,} calls. Relay batch size {args.batch_size}.\n\n"
+        + common.table(["way", "messages/s", "vs apply_async loop", "vs ceiling"], rows)
+        + f"\n\nTarget: the relay at least 5x the `apply_async` loop — one relay process "
+        f"{one:.2f}x: **{target}**. Two relays share the backlog through `SKIP LOCKED`: "
+        f"{relays[1]['rate'] / loop_rate:.2f}x."
+    )
+    common.write_section(
+        name=f"drain-{broker.split('://')[0]}",
+        order=3,
+        title=f"3. Draining a {args.messages:,}-message backlog ({broker.split('://')[0]})",
+        markdown=markdown,
+        data={
+            "broker": broker,
+            "messages": args.messages,
+            "apply_async_rate": loop_rate,
+            "pipelined_push_rate": push_rate,
+            "relays": relays,
+        },
+        quick=args.quick,
+    )
+
+
+if __name__ == "__main__":
+    main()
