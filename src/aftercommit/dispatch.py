@@ -235,7 +235,7 @@ def record(
     encoded_options = encode_options(name, options)
 
     now = timezone.now()
-    message = OutboxMessage.objects.using(alias).create(
+    message = OutboxMessage.objects.using(alias).insert(
         message_id=message_id,
         task_name=name,
         payload=payload,

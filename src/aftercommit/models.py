@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
-from django.db import IntegrityError, models, transaction
+from django.db import IntegrityError, connections, models, transaction
+from django.db.backends.base.base import BaseDatabaseWrapper
 from django.db.models import Count, Min, Q
+from django.db.models.sql import InsertQuery
 from django.utils import timezone
 
 
@@ -26,6 +28,35 @@ class Status(models.IntegerChoices):
 
 
 class OutboxMessageQuerySet(models.QuerySet["OutboxMessage"]):
+    def insert(self, **values: Any) -> OutboxMessage:
+        """Write one message: the one statement a dispatch adds to the caller's transaction.
+
+        What ``create()`` does, minus its per-call SQL compilation (half its cost, measured): the
+        INSERT is compiled once per kind of database by Django's own compiler, and each call only
+        converts the values with the fields' own ``get_db_prep_save``. No model signals are sent;
+        aftercommit's ``recorded`` signal is.
+        """
+        connection = connections[self.db]
+        statement = _insert_statement(connection)
+        message = self.model(**values)
+        params = [
+            field.get_db_prep_save(getattr(message, field.attname), connection)
+            for field in statement.fields
+        ]
+        with connection.cursor() as cursor:
+            cursor.execute(statement.sql, params)
+            if statement.returning_params is not None:
+                # On every backend that can return columns from an INSERT (not in the stubs).
+                (pk,) = connection.ops.fetch_returned_insert_columns(  # type: ignore[attr-defined]
+                    cursor, statement.returning_params
+                )
+            else:
+                pk = connection.ops.last_insert_id(cursor, self.model._meta.db_table, "id")
+        message.pk = pk
+        message._state.adding = False
+        message._state.db = self.db
+        return message
+
     def pending(self) -> OutboxMessageQuerySet:
         return self.filter(status=Status.PENDING)
 
@@ -60,8 +91,6 @@ class OutboxMessageQuerySet(models.QuerySet["OutboxMessage"]):
         return rows
 
     def _skip_locked_supported(self) -> bool:
-        from django.db import connections
-
         return bool(connections[self.db].features.has_select_for_update_skip_locked)
 
     def mark_sent(self, ids: Sequence[int], now: dt.datetime) -> int:
@@ -123,6 +152,31 @@ class OutboxMessageQuerySet(models.QuerySet["OutboxMessage"]):
             "sent_last_minute": sent_last_minute,
             "oldest_pending_age": (now - oldest).total_seconds() if oldest else None,
         }
+
+
+class _InsertStatement(NamedTuple):
+    sql: str
+    fields: list[Any]
+    returning_params: Any  # None: the backend cannot return the id, ask last_insert_id
+
+
+_insert_statements: dict[tuple[str, bool], _InsertStatement] = {}
+
+
+def _insert_statement(connection: BaseDatabaseWrapper) -> _InsertStatement:
+    returning = bool(connection.features.can_return_columns_from_insert)
+    key = (connection.vendor, returning)
+    if key not in _insert_statements:
+        opts = OutboxMessage._meta
+        fields = [f for f in opts.concrete_fields if not f.primary_key]
+        query = InsertQuery(OutboxMessage)
+        query.insert_values(fields, [OutboxMessage()])
+        compiler = query.get_compiler(connection=connection)
+        compiler.returning_fields = [opts.pk] if returning else None
+        ((sql, _),) = compiler.as_sql()
+        params = compiler.returning_params if returning else None
+        _insert_statements[key] = _InsertStatement(sql, fields, params)
+    return _insert_statements[key]
 
 
 class OutboxMessage(models.Model):
