@@ -218,7 +218,7 @@ def main() -> None:
     common.write_section(
         name="propagation",
         order=4,
-        title="4. Propagating a brand to 1,000,000 products",
+        title=f"4. Propagating a brand to {products:,} products",
         markdown=markdown,
         data={
             "products": products,
