@@ -150,6 +150,47 @@ def run_relays(processes: int, count: int, batch_size: int) -> dict[str, Any]:
     return {"processes": processes, "rate": rate, "span": span, "rss": samples}
 
 
+# Where a relay's time goes: (label, file suffix, function name) of profiled functions. "publish:"
+# parts are inside "publish a batch", "send_task:" parts inside send_task; Celery's settings lookups
+# are spread over the other send_task parts.
+PROFILE_PARTS = [
+    ("claim: SELECT ... FOR UPDATE SKIP LOCKED, then UPDATE", "aftercommit/models.py", "claim"),
+    ("mark sent: one UPDATE a batch, signals", "aftercommit/publisher.py", "mark_sent"),
+    ("publish a batch", "aftercommit/publisher.py", "send"),
+    ("publish: read the row back", "aftercommit/dispatch.py", "decode_arguments"),
+    ("publish: Celery `send_task`, per message", "celery/app/base.py", "send_task"),
+    ("send_task: Celery builds the message (`as_task_v2`)", "celery/app/amqp.py", "as_task_v2"),
+    ("send_task: Celery routes it", "celery/app/routes.py", "route"),
+    ("send_task: kombu `Producer.publish` into the batch", "kombu/messaging.py", "publish"),
+    ("send_task: Celery settings lookups (via Django's settings)", "celery/utils/collections.py",
+     "__getitem__"),
+    ("publish: the batch's one pipelined write (Redis)", "kombu/transport/redis.py", "flush"),
+]  # fmt: skip
+
+
+def profile_relay(count: int, batch_size: int) -> list[tuple[str, float]]:
+    """One relay over ``count`` due rows under cProfile: each part's share of its loop."""
+    import pstats
+
+    fill_outbox(count)
+    path = common.out_dir() / "drain-relay.prof"
+    env = dict(os.environ, PYTHONPATH=str(common.ROOT))
+    argv = [
+        sys.executable, "-m", "cProfile", "-o", str(path), "-m", "django", "aftercommit",
+        "relay", "--once", "--batch-size", str(batch_size),
+    ]  # fmt: skip
+    subprocess.run(argv, env=env, cwd=common.ROOT, check=True)
+    stats = pstats.Stats(str(path)).stats  # type: ignore[attr-defined]
+    path.unlink()
+
+    def cumulative(suffix: str, name: str) -> float:
+        found = [v[3] for (f, _, n), v in stats.items() if f.endswith(suffix) and n == name]
+        return max(found, default=0.0)
+
+    total = cumulative("aftercommit/relay.py", "run")
+    return [(label, cumulative(suffix, name) / total) for label, suffix, name in PROFILE_PARTS]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--messages", type=int, default=100_000)
@@ -206,6 +247,8 @@ def main() -> None:
                 "",
             ]
         )
+    profile = profile_relay(min(args.messages, 10_000), args.batch_size)
+    purge(app)
     one = relays[0]["rate"] / loop_rate
     target = "met" if one >= 5 else "missed"
     markdown = (
@@ -215,7 +258,9 @@ def main() -> None:
         + common.table(["way", "messages/s", "vs apply_async loop", "vs ceiling"], rows)
         + f"\n\nTarget: the relay at least 5x the `apply_async` loop — one relay process "
         f"{one:.2f}x: **{target}**. Two relays share the backlog through `SKIP LOCKED`: "
-        f"{relays[1]['rate'] / loop_rate:.2f}x."
+        f"{relays[1]['rate'] / loop_rate:.2f}x.\n\nWhere one relay's time goes (cProfile, "
+        f"{min(args.messages, 10_000):,} messages; shares of the relay loop):\n\n"
+        + common.table(["part", "share"], [[label, f"{share:.0%}"] for label, share in profile])
     )
     common.write_section(
         name=f"drain-{broker.split('://')[0]}",
@@ -228,6 +273,7 @@ def main() -> None:
             "apply_async_rate": loop_rate,
             "pipelined_push_rate": push_rate,
             "relays": relays,
+            "profile": profile,
         },
         quick=args.quick,
     )
