@@ -111,6 +111,51 @@ def test_several_relays__never_send_a_message_twice(token, start_relay) -> None:
     assert [k for k, v in counts.items() if v > 1] == []
 
 
+@pytest.mark.usefixtures("no_publisher")
+def test_broker_refuses_a_batch__rows_wait_then_go_once(token, settings, caplog) -> None:  # type: ignore[no-untyped-def]
+    """A batch's publishes go out together and the broker's confirms are awaited once: a refusal
+    (RabbitMQ nacks publishes to a full queue) leaves the whole batch unsent, like an outage: no
+    attempt used, nothing lost, and sent once the broker takes it."""
+    if not settings.BROKER_URL.startswith("amqp"):
+        pytest.skip("only RabbitMQ refuses a publish through its publisher confirms")
+    name = f"aftercommit-full-{uuid.uuid4().hex[:8]}"
+
+    def declare(**arguments: object) -> None:
+        with app.connection_for_write() as conn:
+            channel = conn.default_channel
+            channel.queue_delete(name)
+            channel.queue_declare(name, auto_delete=False, arguments=arguments)
+            channel.queue_bind(name, "amq.direct", routing_key=name)
+
+    def make_due() -> None:
+        OutboxMessage.objects.update(due_at=timezone.now() - dt.timedelta(seconds=1))
+
+    declare(**{"x-max-length": 0, "x-overflow": "reject-publish"})  # refuses every message
+    relay = Relay(app)
+    try:
+        ids = {
+            read_item.apply_async((token,), exchange="amq.direct", routing_key=name).id
+            for _ in range(3)
+        }
+        make_due()
+        assert relay.run_batch("default") == 3
+        rows = list(OutboxMessage.objects.filter(message_id__in=ids))
+        assert {(r.status, r.attempts) for r in rows} == {(Status.PENDING, 0)}
+        assert all(r.due_at > timezone.now() for r in rows)  # handed back for later
+        assert "broker unreachable" in caplog.text and "refused" in caplog.text
+
+        declare()  # room again
+        make_due()
+        assert relay.run_batch("default") == 3
+        assert set(OutboxMessage.objects.values_list("status", flat=True)) == {Status.SENT}
+        with app.connection_for_write() as conn:
+            assert conn.default_channel.queue_declare(name, passive=True).message_count == 3
+    finally:
+        relay.close()
+        with app.connection_for_write() as conn:
+            conn.default_channel.queue_delete(name)
+
+
 def test_sigterm__relay_stops_cleanly(start_relay) -> None:  # type: ignore[no-untyped-def]
     relay = start_relay()
     wait_for(lambda: Lease.objects.filter(name__startswith="relay:").exists(), timeout=30)
