@@ -101,5 +101,8 @@ AFTERCOMMIT = {
     "BROKER_BACKOFF_MAX": 1.0,
 }
 
-# How many products one bulk UPDATE of a propagation touches.
-CATALOG_CHUNK_SIZE = int(os.environ.get("EXAMPLE_CHUNK_SIZE", "10000"))
+# How many products one bulk UPDATE of a propagation touches. A chunk costs a commit and a progress
+# write whatever its size; at 25,000 (about 0.2 s a chunk here) the chunked propagation runs at
+# 0.8x one bulk UPDATE's throughput, and still commits, and shows progress, several times a second
+# (make bench, section 4).
+CATALOG_CHUNK_SIZE = int(os.environ.get("EXAMPLE_CHUNK_SIZE", "25000"))
