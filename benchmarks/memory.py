@@ -72,8 +72,9 @@ def plot(path: Path, publisher: list[tuple[float, int]], relay: list[tuple[float
     right.plot([x for x, _ in relay], [kib / 1024 for _, kib in relay], color="tab:orange")
     right.set_xlabel("seconds draining")
     right.set_title("relay draining the backlog")
+    peak = max(kib for _, kib in publisher + relay) / 1024
     for ax in (left, right):
-        ax.set_ylim(bottom=0)
+        ax.set_ylim(0, peak * 1.3)
         ax.grid(True, alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

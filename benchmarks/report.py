@@ -28,6 +28,10 @@ def main() -> None:
     if not sections:
         raise SystemExit(f"no results in {out}: run `make bench` first")
     machine = sections[0]["machine"]
+    first, last = (
+        min(s["machine"]["when"] for s in sections),
+        max(s["machine"]["when"] for s in sections),
+    )
     keys = ["cpu", "cpus", "memory", "os", "python", "django", "celery", "kombu"]
     keys += ["postgresql", "redis"]
     described = ", ".join(f"{key} {machine[key]}" for key in keys if machine.get(key))
@@ -42,7 +46,7 @@ def main() -> None:
         "not the absolute times. `make bench` runs the whole set; each script in `benchmarks/` "
         "says in its docstring what it measures and how.",
         "",
-        f"Measured {machine['when']} on: {described}; load average at the start: "
+        f"Measured {first} to {last} on: {described}; load average at the start: "
         f"{machine.get('load', '?')}.",
     ]
     if any(s["quick"] for s in sections):
