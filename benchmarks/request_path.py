@@ -150,10 +150,10 @@ def main() -> None:
         markdown=markdown,
         data={
             "saves": args.saves,
-            "latency_ms": {k: [round(x * 1000, 4) for x in v] for k, v in latency.items()},
+            "latency_ms": {k: [round(x * 1000, 3) for x in v] for k, v in latency.items()},
             "cpu_ms": {k: v * 1000 for k, v in cpu.items()},
-            "phases_ms": {
-                name: [[round(x * 1000, 4) for x in p] for p in samples]
+            "phases_median_ms": {
+                name: [statistics.median(p[i] for p in samples) * 1000 for i in range(3)]
                 for name, samples in phases.items()
             },
         },
