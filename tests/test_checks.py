@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import datetime as dt
+import os
+import subprocess
+import sys
 import uuid
+from pathlib import Path
 
 import pytest
 from celery import Celery
@@ -16,6 +20,7 @@ from aftercommit.models import Lease, OutboxMessage
 from tests.celery_app import app
 
 plain_app = Celery("plain-app", set_as_current=False)
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def ids(messages: list[django_checks.CheckMessage]) -> list[str]:
@@ -57,8 +62,24 @@ def test_database__quiet_when_all_is_well() -> None:
 def test_migration_not_applied__fires(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(connections["default"].introspection, "table_names", lambda: [])
     found = checks.check_database(databases=["default"])
-    assert ids(found) == ["aftercommit.E003"]
+    assert ids(found) == ["aftercommit.W003"]
     assert "migrate aftercommit" in (found[0].hint or "")
+
+
+def test_migrate_on_a_fresh_database__not_stopped_by_the_checks(tmp_path: Path) -> None:
+    # `manage.py migrate` runs the database checks before migrating: the missing outbox they
+    # report must not stop the command that creates it.
+    env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "BROKER_URL")}
+    env.update(
+        DJANGO_SETTINGS_MODULE="tests.settings",
+        AFTERCOMMIT_TEST_STATE=str(tmp_path),  # a fresh SQLite file
+        PYTHONPATH=str(ROOT),
+    )
+    argv = [sys.executable, "-m", "django", "migrate"]
+    done = subprocess.run(argv, env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "aftercommit.W003" in done.stderr  # said, and migrated anyway
+    assert "Applying aftercommit.0002_claim_index... OK" in done.stdout
 
 
 @pytest.mark.django_db

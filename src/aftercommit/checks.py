@@ -83,12 +83,14 @@ def check_database(
         try:
             tables = connection.introspection.table_names()
             if OutboxMessage._meta.db_table not in tables or Lease._meta.db_table not in tables:
+                # A warning, not an error: `manage.py migrate` runs these checks before it
+                # migrates, and an error would stop the very command that creates the tables.
                 messages.append(
-                    checks.Error(
+                    checks.Warning(
                         f"The outbox tables are missing on database {alias!r}: every task call "
-                        f"will fail.",
+                        f"will fail until it is migrated.",
                         hint=f"Run: python manage.py migrate aftercommit --database {alias}",
-                        id="aftercommit.E003",
+                        id="aftercommit.W003",
                     )
                 )
                 continue
