@@ -43,15 +43,17 @@ class OutboxMessageQuerySet(models.QuerySet["OutboxMessage"]):
             field.get_db_prep_save(getattr(message, field.attname), connection)
             for field in statement.fields
         ]
-        with connection.cursor() as cursor:
+        ops: Any = connection.ops
+        # As save() does: a failed INSERT (a duplicate task_id) dooms the caller's atomic block,
+        # so the caller's data cannot commit without its message.
+        with transaction.mark_for_rollback_on_error(using=self.db), connection.cursor() as cursor:
             cursor.execute(statement.sql, params)
-            if statement.returning_params is not None:
-                # On every backend that can return columns from an INSERT (not in the stubs).
-                (pk,) = connection.ops.fetch_returned_insert_columns(  # type: ignore[attr-defined]
-                    cursor, statement.returning_params
-                )
+            if statement.returning_params is None:
+                pk = ops.last_insert_id(cursor, self.model._meta.db_table, "id")
+            elif hasattr(ops, "fetch_returned_rows"):  # Django 6.0+
+                pk = ops.fetch_returned_rows(cursor, statement.returning_params)[0][0]
             else:
-                pk = connection.ops.last_insert_id(cursor, self.model._meta.db_table, "id")
+                (pk,) = ops.fetch_returned_insert_columns(cursor, statement.returning_params)
         message.pk = pk
         message._state.adding = False
         message._state.db = self.db
@@ -174,7 +176,7 @@ def _insert_statement(connection: BaseDatabaseWrapper) -> _InsertStatement:
         compiler = query.get_compiler(connection=connection)
         compiler.returning_fields = [opts.pk] if returning else None
         ((sql, _),) = compiler.as_sql()
-        params = compiler.returning_params if returning else None
+        params = getattr(compiler, "returning_params", ()) if returning else None
         _insert_statements[key] = _InsertStatement(sql, fields, params)
     return _insert_statements[key]
 

@@ -41,6 +41,8 @@ logger = logging.getLogger("aftercommit.publisher")
 #: such a write may hold (a queue with x-expires adds one per priority step to each message).
 CHUNK_SIZE = 500
 BATCH_MAX_COMMANDS = CHUNK_SIZE * 16
+#: Seconds to wait, in all, for the broker to confirm a batch (AMQP).
+CONFIRM_TIMEOUT = 30.0
 
 
 class BrokerUnavailable(Exception):
@@ -142,10 +144,14 @@ class Channel:
         try:
             yield
             last = self._published
+            deadline = time.monotonic() + CONFIRM_TIMEOUT
             while not refused and any(
                 tag > acked_upto and tag not in acked for tag in range(first, last + 1)
             ):
-                channel.connection.drain_events(timeout=30)
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:  # a broker error: the batch is handed back, like an outage
+                    raise TimeoutError(f"no publisher confirms within {CONFIRM_TIMEOUT}s")
+                channel.connection.drain_events(timeout=remaining)
             if refused:
                 raise MessageNacked(f"the broker refused {len(refused)} message(s)")
         finally:
