@@ -243,6 +243,18 @@ def test_task_id__is_the_message_id(token: str) -> None:
     assert str(OutboxMessage.objects.get().message_id) == wanted
 
 
+def test_task_id_already_used__clear_error_transaction_usable(token: str) -> None:
+    wanted = str(uuid.uuid4())
+    read_item.apply_async((token,), task_id=wanted)
+    with transaction.atomic():
+        item = Item.objects.create(name=token)
+        with pytest.raises(DispatchError, match="already the id of another message"):
+            read_item.apply_async((token,), task_id=wanted)
+        read_item.apply_async((token, item.pk))
+    assert Item.objects.filter(pk=item.pk).exists()
+    assert OutboxMessage.objects.count() == 2
+
+
 def test_message_ids__time_ordered_uuids(token: str) -> None:
     # Each new row lands at the right edge of the message_id index, not on a random page of it
     # (benchmarks/big_outbox.py measures what a random id costs an outbox of millions of rows).

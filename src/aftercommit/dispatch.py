@@ -230,6 +230,13 @@ def record(
             message_id = uuid.UUID(str(task_id))
         except ValueError as exc:
             raise DispatchError(f"{name}: task_id must be a UUID, got {task_id!r}.") from exc
+        # Checked first (only for a caller's own id) so the mistake is a clear error and the
+        # caller's transaction stays usable; the unique index still guards a race.
+        if OutboxMessage.objects.using(alias).filter(message_id=message_id).exists():
+            raise DispatchError(
+                f"{name}: task_id {task_id} is already the id of another message in the outbox. "
+                f"Task ids must be unique: pass a new one, or none to get one."
+            )
     else:
         message_id = time_ordered_uuid()
     encoded_options = encode_options(name, options)
