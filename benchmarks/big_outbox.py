@@ -88,6 +88,7 @@ def configure(big_database: str) -> None:
     os.environ["BROKER_URL"] = "redis://127.0.0.1:6379/8"
     os.environ["AFTERCOMMIT_TEST_STATE"] = "/tmp/aftercommit-bench-big"
     os.environ["AFTERCOMMIT_TEST_APP_NAME"] = "aftercommit-bench-big"
+    os.environ["AFTERCOMMIT_TEST_QUEUE"] = common.QUEUE
     os.environ["DJANGO_SETTINGS_MODULE"] = "benchmarks.big_settings"
     common.ensure_database(os.environ["DATABASE_URL"], f"{EMPTY_DATABASE}_other", big_database)
     import django
@@ -207,7 +208,7 @@ def measure_saves(saves: int, warmup: int) -> dict[str, Any]:
         for label, alias in ALIASES.items()
     }
     with app.connection_for_write() as conn:
-        queued = conn.default_channel.queue_purge("celery")
+        queued = conn.default_channel.queue_purge(common.QUEUE)
     return {"samples": samples, "index_io": io, "unsent": unsent, "queued": queued}
 
 

@@ -25,6 +25,8 @@ if str(ROOT) not in sys.path:
 
 DEFAULT_DATABASE_URL = "postgres://postgres@127.0.0.1:5432/aftercommit_bench"
 DEFAULT_BROKER_URL = "redis://127.0.0.1:6379/7"
+#: The task queue the benchmarks use (the tests use "celery" on the same RabbitMQ).
+QUEUE = "aftercommit-bench"
 
 
 def out_dir() -> Path:
@@ -40,6 +42,7 @@ def use_services(database_url: str | None = None, broker_url: str | None = None)
     os.environ.setdefault("BROKER_URL", broker_url or DEFAULT_BROKER_URL)
     os.environ.setdefault("AFTERCOMMIT_TEST_STATE", "/tmp/aftercommit-bench")
     os.environ.setdefault("AFTERCOMMIT_TEST_APP_NAME", "aftercommit-bench")
+    os.environ.setdefault("AFTERCOMMIT_TEST_QUEUE", QUEUE)
     os.environ.setdefault("DJANGO_SETTINGS_MODULE", "tests.settings")
 
 

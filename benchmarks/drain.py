@@ -72,18 +72,18 @@ def pipelined_push(app: Any, count: int) -> float | None:
         if conn.transport.driver_type != "redis":
             return None
         client = conn.default_channel.client
-        body = client.lindex("celery", 0)
-        client.delete("celery")
+        body = client.lindex(common.QUEUE, 0)
+        client.delete(common.QUEUE)
         started = time.perf_counter()
         pipe = client.pipeline(transaction=False)
         for i in range(count):
-            pipe.lpush("celery", body)
+            pipe.lpush(common.QUEUE, body)
             if i % 1000 == 999:
                 pipe.execute()
         pipe.execute()
         elapsed = time.perf_counter() - started
-        assert client.llen("celery") == count
-        client.delete("celery")
+        assert client.llen(common.QUEUE) == count
+        client.delete(common.QUEUE)
     return elapsed
 
 

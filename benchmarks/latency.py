@@ -29,7 +29,7 @@ def start_worker() -> subprocess.Popen[bytes]:
     log = open(common.out_dir() / "latency-worker.log", "wb")  # noqa: SIM115 - the worker's
     argv = [
         sys.executable, "-m", "celery", "-A", "tests.celery_app", "worker", "-P", "threads",
-        "-c", "4", "-Q", "celery", "-l", "info", "--without-heartbeat", "--without-gossip",
+        "-c", "4", "-Q", common.QUEUE, "-l", "info", "--without-heartbeat", "--without-gossip",
         "--without-mingle", "-n", f"bench-{os.getpid()}@%h",
     ]  # fmt: skip
     env = dict(os.environ, PYTHONPATH=str(common.ROOT))
@@ -83,7 +83,7 @@ def main() -> None:
     from aftercommit.publisher import publisher
 
     with app.connection_for_write() as conn:
-        conn.default_channel.queue_purge("celery")
+        conn.default_channel.queue_purge(common.QUEUE)
     TaskRun.objects.all().delete()
     item = Item.objects.create(name="latency")
     worker = start_worker()

@@ -44,7 +44,7 @@ def child(saves: int) -> None:
     publisher.flush(120)
     print(saves, common.rss_kib(os.getpid()), flush=True)
     with app.connection_for_write() as conn:
-        conn.default_channel.queue_purge("celery")
+        conn.default_channel.queue_purge(common.QUEUE)
 
 
 def flatness(series: list[tuple[float, int]]) -> dict[str, float]:

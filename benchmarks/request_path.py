@@ -99,7 +99,7 @@ def main() -> None:
             totals[name] += time.process_time() - started
     cpu = {name: total / (runs * block) for name, total in totals.items()}
     with app.connection_for_write() as conn:
-        conn.default_channel.queue_purge("celery")
+        conn.default_channel.queue_purge(common.QUEUE)
 
     base = "Celery `delay_on_commit`"
     base_median = statistics.median(latency[base])

@@ -116,6 +116,8 @@ CELERY_BROKER_TRANSPORT_OPTIONS = (
 )
 CELERY_BROKER_CONNECTION_TIMEOUT = 2
 CELERY_TASK_IGNORE_RESULT = True
+# The benchmarks use their own queue, so a test run beside them cannot take their messages.
+CELERY_TASK_DEFAULT_QUEUE = os.environ.get("AFTERCOMMIT_TEST_QUEUE", "celery")
 CELERY_WORKER_HIJACK_ROOT_LOGGER = False
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 
