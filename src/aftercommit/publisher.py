@@ -108,8 +108,6 @@ class Channel:
 
     @contextmanager
     def _confirmed_together(self, channel: Any) -> Iterator[None]:
-        from amqp.exceptions import MessageNacked
-
         if not channel._confirm_selected:
             channel._confirm_selected = True
             channel.confirm_select()
@@ -215,10 +213,10 @@ def _aware(value: dt.datetime) -> dt.datetime:
 def send(app: Celery, messages: Sequence[OutboxMessage], channel: Channel) -> Outcome:
     """Publish ``messages`` in order with one producer. Stops at the first broker error.
 
-    Where the transport can (kombu 5.7's ``Producer.batch``: Redis), each chunk of messages goes
-    out in one pipelined write instead of one round trip a message. A chunk whose write fails has
-    an uncertain outcome, so it counts as unsent: sending it again may duplicate a message, never
-    lose one.
+    Where the transport can, each chunk of messages goes to the broker together (see
+    ``Channel.batch``: one pipelined write on Redis, one wait for confirms on AMQP) instead of one
+    round trip a message. A chunk whose write fails or is refused has an uncertain outcome, so it
+    counts as unsent: sending it again may duplicate a message, never lose one.
     """
     outcome = Outcome()
     errors = channel.broker_errors()
