@@ -30,7 +30,7 @@ faults: $(BIN)/.installed  ## the long fault suite (a short form runs inside `ma
 BENCH_OUT ?= $(CURDIR)/benchmarks/results
 BENCH_REPORT ?= $(CURDIR)/benchmarks/REPORT.md
 BENCH := BENCH_OUT=$(BENCH_OUT) $(BIN)/python benchmarks
-bench: $(BIN)/.installed  ## side-by-side benchmarks -> benchmarks/REPORT.md (about 15 minutes)
+bench: $(BIN)/.installed  ## side-by-side benchmarks -> benchmarks/REPORT.md (about 10 minutes)
 	mkdir -p $(BENCH_OUT) && rm -f $(BENCH_OUT)/*.json $(BENCH_OUT)/*.png
 	$(BENCH)/request_path.py $(BENCH_ARGS)
 	$(BENCH)/latency.py $(BENCH_ARGS)
