@@ -112,10 +112,10 @@ def test_several_relays__never_send_a_message_twice(token, start_relay) -> None:
 
 
 @pytest.mark.usefixtures("no_publisher")
-def test_broker_refuses_a_batch__rows_wait_then_go_once(token, settings, caplog) -> None:  # type: ignore[no-untyped-def]
-    """A batch's publishes go out together and the broker's confirms are awaited once: a refusal
-    (RabbitMQ nacks publishes to a full queue) leaves the whole batch unsent, like an outage: no
-    attempt used, nothing lost, and sent once the broker takes it."""
+def test_broker_refuses_a_batch__refused_rows_wait_then_go_once(token, settings, caplog) -> None:  # type: ignore[no-untyped-def]
+    """A batch's publishes go out together and the broker's confirms are awaited once: what the
+    broker refuses (RabbitMQ nacks publishes to a full queue) waits, like an outage: no attempt
+    used, nothing lost; what it took in the same batch is sent, and not sent again."""
     if not settings.BROKER_URL.startswith("amqp"):
         pytest.skip("only RabbitMQ refuses a publish through its publisher confirms")
     name = f"aftercommit-full-{uuid.uuid4().hex[:8]}"
@@ -144,12 +144,18 @@ def test_broker_refuses_a_batch__rows_wait_then_go_once(token, settings, caplog)
         assert all(r.due_at > timezone.now() for r in rows)  # handed back for later
         assert "broker unreachable" in caplog.text and "refused" in caplog.text
 
-        declare()  # room again
+        declare(**{"x-max-length": 1, "x-overflow": "reject-publish"})  # room for one
         make_due()
         assert relay.run_batch("default") == 3
+        statuses = Counter(OutboxMessage.objects.values_list("status", "attempts"))
+        assert statuses == {(Status.SENT, 0): 1, (Status.PENDING, 0): 2}  # took one, refused two
+
+        declare()  # room again (a new queue: the one message taken went with the old one)
+        make_due()
+        assert relay.run_batch("default") == 2  # only the refused ones: no duplicate
         assert set(OutboxMessage.objects.values_list("status", flat=True)) == {Status.SENT}
         with app.connection_for_write() as conn:
-            assert conn.default_channel.queue_declare(name, passive=True).message_count == 3
+            assert conn.default_channel.queue_declare(name, passive=True).message_count == 2
     finally:
         relay.close()
         with app.connection_for_write() as conn:

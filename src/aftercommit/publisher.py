@@ -11,7 +11,7 @@ import os
 import threading
 import time
 from collections import deque
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -49,6 +49,14 @@ class BrokerUnavailable(Exception):
     """The broker could not be reached; the messages themselves are fine."""
 
 
+class BatchRefused(MessageNacked):  # type: ignore[misc]
+    """The broker refused some of a batch (AMQP nack, e.g. a full queue); it took the others."""
+
+    def __init__(self, taken: list[Any]) -> None:
+        super().__init__("the broker refused part of a batch (a full queue?)")
+        self.taken = taken  # the messages it took
+
+
 @dataclass
 class Outcome:
     """What became of a batch: sent, failed on their own, or not tried (the broker was down)."""
@@ -68,6 +76,7 @@ class Channel:
         self.producer: Any = None
         self.confirms = False
         self._published = 0  # the last AMQP delivery tag on the current channel
+        self.current: Any = None  # the message being published, set by send()
 
     def open(self) -> Any:
         if self.producer is None:
@@ -115,24 +124,24 @@ class Channel:
         # Acks are listened to as events: one may arrive while kombu waits for something else
         # (a queue declaration) in the middle of the batch.
         first = self._published + 1
-        acked: set[int] = set()
-        acked_upto = 0
-        refused: list[int] = []
+        answers: dict[int, bool] = {}  # delivery tag -> taken (ack) or refused (nack)
+        in_order: list[Any] = []  # what each publish of the batch carried, by tag - first
 
-        def on_ack(delivery_tag: int, multiple: bool) -> None:
-            nonlocal acked_upto
-            if multiple:
-                acked_upto = max(acked_upto, delivery_tag)
-            else:
-                acked.add(delivery_tag)
+        def answer(taken: bool) -> Callable[[int, bool], None]:
+            def record(delivery_tag: int, multiple: bool) -> None:
+                tags = range(first, delivery_tag + 1) if multiple else (delivery_tag,)
+                for tag in tags:  # "multiple" answers every tag up to it not answered yet
+                    answers.setdefault(tag, taken)
 
-        def on_nack(delivery_tag: int, multiple: bool) -> None:
-            refused.append(delivery_tag)
+            return record
+
+        on_ack, on_nack = answer(True), answer(False)
 
         def publish_now(*args: Any, **kwargs: Any) -> Any:
             kwargs.pop("confirm_timeout", None)
             result = channel._basic_publish(*args, **kwargs)
             self._published += 1
+            in_order.append(self.current)
             return result
 
         confirm_each = channel.basic_publish  # py-amqp's confirm-mode publish waits each time
@@ -141,17 +150,15 @@ class Channel:
         channel.events["basic_nack"].add(on_nack)
         try:
             yield
-            last = self._published
+            tags = range(first, self._published + 1)
             deadline = time.monotonic() + CONFIRM_TIMEOUT
-            while not refused and any(
-                tag > acked_upto and tag not in acked for tag in range(first, last + 1)
-            ):
+            while any(tag not in answers for tag in tags):
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:  # a broker error: the batch is handed back, like an outage
                     raise TimeoutError(f"no publisher confirms within {CONFIRM_TIMEOUT}s")
                 channel.connection.drain_events(timeout=remaining)
-            if refused:
-                raise MessageNacked(f"the broker refused {len(refused)} message(s)")
+            if not all(answers[tag] for tag in tags):
+                raise BatchRefused([in_order[tag - first] for tag in tags if answers[tag]])
         finally:
             channel.basic_publish = confirm_each
             channel.events["basic_ack"].discard(on_ack)
@@ -234,6 +241,7 @@ def send(app: Celery, messages: Sequence[OutboxMessage], channel: Channel) -> Ou
         try:
             with channel.batch() as batched:
                 for message in chunk:
+                    channel.current = message
                     try:
                         _publish(app, producer, message)
                     except (*errors, BatchPublishError, MessageNacked):
@@ -242,6 +250,15 @@ def send(app: Celery, messages: Sequence[OutboxMessage], channel: Channel) -> Ou
                         outcome.failed.append((message, exc))
                     else:
                         published.append(message)
+        except BatchRefused as exc:
+            # The broker answered for every message: what it took is sent, what it refused waits
+            # (like an outage: no attempt used). Trying again at once would be refused again.
+            taken = exc.taken
+            outcome.sent.extend(taken)
+            done = {id(m) for m in taken} | {id(m) for m, _ in outcome.failed}
+            pending.extendleft(reversed([m for m in chunk if id(m) not in done]))
+            outcome.broker_error = exc
+            break
         except (*errors, BatchPublishError, MessageNacked) as exc:
             channel.reset(broken=True)
             failed = {id(m) for m, _ in outcome.failed}
