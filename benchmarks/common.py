@@ -134,6 +134,24 @@ def percentile(samples: list[float], q: float) -> float:
     return ordered[index]
 
 
+def figure(*args: Any, **kwargs: Any) -> Any:
+    """``plt.subplots(...)``, drawn off-screen (no display here): (figure, axes)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt.subplots(*args, **kwargs)
+
+
+def save_figure(fig: Any, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def table(headers: list[str], rows: list[list[Any]]) -> str:
     """A markdown table (also readable as printed text)."""
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]

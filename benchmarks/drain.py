@@ -28,8 +28,6 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common
 
-TASK = "tests.testapp.tasks.read_item"
-
 
 def queue_length(app: Any) -> int:
     with app.connection_for_write() as conn:
@@ -196,12 +194,7 @@ def profile_relay(count: int, batch_size: int) -> list[tuple[str, float]]:
 
 def plot(path: Path, rows: list[tuple[str, float]], title: str) -> None:
     """Messages per second, one bar a way (log scale: the ceiling is far above the rest)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(8, 0.6 * len(rows) + 1.2))
+    fig, ax = common.figure(figsize=(8, 0.6 * len(rows) + 1.2))
     labels = [label for label, _ in rows]
     rates = [rate for _, rate in rows]
     colors = [
@@ -215,9 +208,7 @@ def plot(path: Path, rows: list[tuple[str, float]], title: str) -> None:
     ax.invert_yaxis()
     ax.set_xlabel("messages per second (log scale)")
     ax.set_title(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    common.save_figure(fig, path)
 
 
 def main() -> None:

@@ -43,12 +43,7 @@ def start_worker() -> subprocess.Popen[bytes]:
 
 
 def plot(path: Path, samples: dict[str, list[float]]) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(8, 4.5))
+    fig, ax = common.figure(figsize=(8, 4.5))
     for name, values in samples.items():
         ordered = sorted(values)
         if not ordered:
@@ -60,9 +55,7 @@ def plot(path: Path, samples: dict[str, list[float]]) -> None:
     ax.set_title("Commit-to-task-start latency, real worker")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    common.save_figure(fig, path)
 
 
 def main() -> None:

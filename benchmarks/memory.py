@@ -59,12 +59,7 @@ def flatness(series: list[tuple[float, int]]) -> dict[str, float]:
 
 
 def plot(path: Path, publisher: list[tuple[float, int]], relay: list[tuple[float, int]]) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    fig, (left, right) = common.figure(1, 2, figsize=(10, 4))
     left.plot([x for x, _ in publisher], [kib / 1024 for _, kib in publisher])
     left.set_xlabel("saves with one dispatch")
     left.set_ylabel("RSS (MiB)")
@@ -76,9 +71,7 @@ def plot(path: Path, publisher: list[tuple[float, int]], relay: list[tuple[float
     for ax in (left, right):
         ax.set_ylim(0, peak * 1.3)
         ax.grid(True, alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    common.save_figure(fig, path)
 
 
 def main() -> None:

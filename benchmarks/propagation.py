@@ -142,21 +142,14 @@ def timed(brand_id: int, run: Callable[[Any], int], expected: int) -> float:
 
 
 def chart(rates: dict[str, float], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(8, 0.6 * len(rates) + 1.2))
+    fig, ax = common.figure(figsize=(8, 0.6 * len(rates) + 1.2))
     labels = list(rates)[::-1]
     bars = ax.barh(labels, [rates[label] for label in labels], color="#4878a8")
     ax.bar_label(bars, labels=[f"{rates[label]:,.0f}" for label in labels], padding=3)
     ax.margins(x=0.15)
     ax.set_xlabel("products updated per second")
     ax.set_title("Propagating a brand to its products (PostgreSQL)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    common.save_figure(fig, path)
 
 
 def main() -> None:

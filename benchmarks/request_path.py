@@ -86,7 +86,6 @@ def main() -> None:
             latency[name].append(save(dispatch, phases[name]))
             publisher.flush(10)  # the publisher's work is not the next request's
 
-    cpu: dict[str, float] = {}
     runs = max(1, args.saves // 200)
     block = 200 if not args.quick else 20
     totals = {name: 0.0 for name in ways}
@@ -97,7 +96,7 @@ def main() -> None:
                 save(dispatch)
             publisher.flush(60)
             totals[name] += time.process_time() - started
-    cpu = {name: total / (runs * block) for name, total in totals.items()}
+    cpu: dict[str, float] = {name: total / (runs * block) for name, total in totals.items()}
     with app.connection_for_write() as conn:
         conn.default_channel.queue_purge(common.QUEUE)
 

@@ -3,51 +3,44 @@
 # both are built and dropped CONCURRENTLY: an outbox keeps millions of sent rows, and a plain
 # CREATE INDEX would block every dispatch (an INSERT) for the whole build.
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+from functools import partial
 from typing import Any
 
 from django.db import migrations, models
 
 
-class AddIndexOnline(migrations.AddIndex):
-    def database_forwards(
-        self, app_label: str, schema_editor: Any, from_state: Any, to_state: Any
-    ) -> None:
-        if schema_editor.connection.vendor != "postgresql":
-            return super().database_forwards(app_label, schema_editor, from_state, to_state)
-        model = to_state.apps.get_model(app_label, self.model_name)
-        if self.allow_migrate_model(schema_editor.connection.alias, model):
-            schema_editor.add_index(model, self.index, concurrently=True)
-
-    def database_backwards(
-        self, app_label: str, schema_editor: Any, from_state: Any, to_state: Any
-    ) -> None:
-        if schema_editor.connection.vendor != "postgresql":
-            return super().database_backwards(app_label, schema_editor, from_state, to_state)
-        model = from_state.apps.get_model(app_label, self.model_name)
-        if self.allow_migrate_model(schema_editor.connection.alias, model):
-            schema_editor.remove_index(model, self.index, concurrently=True)
+@contextmanager
+def concurrently(schema_editor: Any) -> Iterator[None]:
+    """On PostgreSQL, the index DDL the operation runs is CONCURRENTLY; elsewhere unchanged."""
+    if schema_editor.connection.vendor != "postgresql":
+        yield
+        return
+    schema_editor.add_index = partial(schema_editor.add_index, concurrently=True)
+    schema_editor.remove_index = partial(schema_editor.remove_index, concurrently=True)
+    try:
+        yield
+    finally:
+        del schema_editor.add_index, schema_editor.remove_index
 
 
-class RemoveIndexOnline(migrations.RemoveIndex):
-    def database_forwards(
-        self, app_label: str, schema_editor: Any, from_state: Any, to_state: Any
-    ) -> None:
-        if schema_editor.connection.vendor != "postgresql":
-            return super().database_forwards(app_label, schema_editor, from_state, to_state)
-        model = from_state.apps.get_model(app_label, self.model_name)
-        if self.allow_migrate_model(schema_editor.connection.alias, model):
-            index = from_state.models[app_label, self.model_name_lower].get_index_by_name(self.name)
-            schema_editor.remove_index(model, index, concurrently=True)
+class Online:
+    def database_forwards(self, app_label: str, schema_editor: Any, *states: Any) -> None:
+        with concurrently(schema_editor):
+            super().database_forwards(app_label, schema_editor, *states)  # type: ignore[misc]
 
-    def database_backwards(
-        self, app_label: str, schema_editor: Any, from_state: Any, to_state: Any
-    ) -> None:
-        if schema_editor.connection.vendor != "postgresql":
-            return super().database_backwards(app_label, schema_editor, from_state, to_state)
-        model = to_state.apps.get_model(app_label, self.model_name)
-        if self.allow_migrate_model(schema_editor.connection.alias, model):
-            index = to_state.models[app_label, self.model_name_lower].get_index_by_name(self.name)
-            schema_editor.add_index(model, index, concurrently=True)
+    def database_backwards(self, app_label: str, schema_editor: Any, *states: Any) -> None:
+        with concurrently(schema_editor):
+            super().database_backwards(app_label, schema_editor, *states)  # type: ignore[misc]
+
+
+class AddIndexOnline(Online, migrations.AddIndex):
+    pass
+
+
+class RemoveIndexOnline(Online, migrations.RemoveIndex):
+    pass
 
 
 class Migration(migrations.Migration):
