@@ -78,16 +78,6 @@ def services(django_db_blocker) -> None:  # type: ignore[no-untyped-def]
             connections["default"].close()
 
 
-@pytest.fixture(scope="session", autouse=True)
-def _publisher_closed_before_teardown(django_db_setup: None) -> Iterator[None]:
-    """The publisher thread holds its own database connections; PostgreSQL refuses to drop a
-    test database someone is connected to, so the thread stops before the databases go."""
-    yield
-    from aftercommit.publisher import publisher
-
-    publisher.close()
-
-
 # A broker we can take away -----------------------------------------------------------------------
 
 
@@ -207,7 +197,7 @@ def broker(services: None) -> Iterator[Broker]:
     from tests.celery_app import app
 
     b = Broker()
-    app.conf.broker_url = b.client_url
+    app.conf.broker_write_url = b.client_url
     if b.filesystem:
         app.conf.broker_transport_options = {
             **app.conf.broker_transport_options,
@@ -264,7 +254,9 @@ class Process:
 
 @pytest.fixture(scope="session")
 def worker(broker: Broker, django_db_setup: None, django_db_blocker) -> Iterator[Process]:  # type: ignore[no-untyped-def]
-    env = _subprocess_env(broker)
+    # The worker's own relay publishes through the broker the web process sees (the proxy the
+    # outage tests cut); its consumer reads from the real one.
+    env = {**_subprocess_env(broker), **broker.env}
     proc = Process(
         "worker",
         [
@@ -290,15 +282,12 @@ def worker(broker: Broker, django_db_setup: None, django_db_blocker) -> Iterator
         ],
         env,
     )
-    from aftercommit.publisher import publisher
-
     try:
         wait_for(lambda: "ready." in proc.output() or proc.proc.poll() is not None, timeout=60)
         if proc.proc.poll() is not None:
             raise RuntimeError(f"the worker exited:\n{proc.output()[-3000:]}")
         yield proc
     finally:
-        publisher.close()  # its thread holds database connections the teardown must not meet
         proc.stop()
 
 

@@ -12,7 +12,6 @@ from django.db import connections, transaction
 
 from aftercommit import AmbiguousDatabaseError, DispatchError
 from aftercommit.models import OutboxMessage, Status
-from aftercommit.publisher import publisher
 from tests.conftest import wait_for
 from tests.testapp.models import Item, TaskRun
 from tests.testapp.tasks import read_item, read_now
@@ -58,7 +57,7 @@ def settle(token: str) -> None:
     sentinel = f"{token}-sentinel"
     read_item.delay(sentinel)
     ran(sentinel)
-    publisher.flush(5)
+
     time.sleep(0.3)
 
 
@@ -76,16 +75,16 @@ def test_delay_inside_atomic__not_sent_before_commit(token: str) -> None:
     assert run.started_at >= committed
     assert isinstance(result, AsyncResult)
     assert run.task_id == result.id
-    wait_for(lambda: OutboxMessage.objects.get(message_id=result.id).status == Status.SENT)
+    wait_for(lambda: OutboxMessage.objects.get(task_id=result.id).status == Status.SENT)
 
 
 def test_delay_outside_transaction__recorded_and_sent_at_once(token: str) -> None:
     result = read_item.delay(token)
-    message = OutboxMessage.objects.get(message_id=result.id)
+    message = OutboxMessage.objects.get(task_id=result.id)
     assert message.task_name == read_item.name
     (run,) = ran(token)
     assert run.task_id == result.id
-    wait_for(lambda: OutboxMessage.objects.get(message_id=result.id).status == Status.SENT)
+    wait_for(lambda: OutboxMessage.objects.get(task_id=result.id).status == Status.SENT)
 
 
 def test_nested_atomics__sent_when_the_outermost_commits(token: str) -> None:
@@ -157,13 +156,13 @@ def test_autocommit_off__clear_error_and_nothing_stored(token: str) -> None:
 def test_second_database__joins_its_transaction(token: str) -> None:
     with transaction.atomic(using="other"):
         result = read_item.delay(token, None, 1)
-        assert OutboxMessage.objects.using("other").filter(message_id=result.id).exists()
+        assert OutboxMessage.objects.using("other").filter(task_id=result.id).exists()
         assert not OutboxMessage.objects.using("default").exists()
         time.sleep(0.4)
         assert runs(token) == []
     ran(token)
     wait_for(
-        lambda: OutboxMessage.objects.using("other").get(message_id=result.id).status == Status.SENT
+        lambda: OutboxMessage.objects.using("other").get(task_id=result.id).status == Status.SENT
     )
 
 
@@ -183,7 +182,7 @@ def test_atomic_open_on_two_databases__asks_for_using(token: str) -> None:
         result = read_item.apply_async((token, None, 3), using="other")
     (run,) = ran(token)
     assert run.task_id == result.id
-    assert OutboxMessage.objects.using("other").filter(message_id=result.id).exists()
+    assert OutboxMessage.objects.using("other").filter(task_id=result.id).exists()
     assert not OutboxMessage.objects.using("default").exists()
 
 
@@ -240,19 +239,29 @@ def test_task_id__is_the_message_id(token: str) -> None:
     assert result.id == wanted
     (run,) = ran(token)
     assert run.task_id == wanted
-    assert str(OutboxMessage.objects.get().message_id) == wanted
+    assert str(OutboxMessage.objects.get().task_id) == wanted
 
 
-def test_task_id_already_used__clear_error_transaction_usable(token: str) -> None:
-    wanted = str(uuid.uuid4())
-    read_item.apply_async((token,), task_id=wanted)
+def test_task_id__any_string_celery_accepts(token: str) -> None:
+    # Celery takes any string as a task id; "brand-42-sync" style ids are common for looking
+    # results up. 0.1 refused anything but a UUID.
+    wanted = f"brand-42-sync-{token}"
     with transaction.atomic():
-        item = Item.objects.create(name=token)
-        with pytest.raises(DispatchError, match="already the id of another message"):
-            read_item.apply_async((token,), task_id=wanted)
-        read_item.apply_async((token, item.pk))
-    assert Item.objects.filter(pk=item.pk).exists()
-    assert OutboxMessage.objects.count() == 2
+        result = read_item.apply_async((token,), task_id=wanted)
+    assert result.id == wanted
+    (run,) = ran(token)
+    assert run.task_id == wanted
+
+
+def test_task_id_reused__a_new_send_as_in_celery(token: str) -> None:
+    # Celery reuses a task id for replace() and for a re-applied frozen signature: each is a
+    # legitimate new send. The outbox's own key is its row id, not the task id.
+    wanted = str(uuid.uuid4())
+    read_item.apply_async((token, None, 1), task_id=wanted)
+    with transaction.atomic():
+        read_item.apply_async((token, None, 2), task_id=wanted)
+    assert sorted(r.expected_version for r in ran(token, 2)) == [1, 2]
+    assert OutboxMessage.objects.filter(task_id=wanted).count() == 2
 
 
 def test_message_ids__time_ordered_uuids(token: str) -> None:
@@ -282,7 +291,19 @@ class Unencodable:
             "pickle serializer is refused",
         ),
         (lambda t: read_item.delay("x" * 300_000), "over the limit"),
-        (lambda t: read_item.apply_async((t,), countdown="soon"), "countdown must be a number"),
+        (lambda t: read_item.apply_async((t,), countdown="soon"), "countdown must be a finite"),
+        # Accepted by 0.1 at the call, then failing in the relay or misbehaving:
+        (lambda t: read_item.apply_async((t,), countdown=float("nan")), "countdown must be"),
+        (lambda t: read_item.apply_async((t,), countdown=1e12), "countdown must be"),
+        (lambda t: read_item.apply_async((t,), countdown=True), "countdown must be"),
+        (lambda t: read_item.apply_async((t,), expires=float("inf")), "expires must be"),
+        (lambda t: read_item.apply_async((t,), expires="soon"), "expires must be a datetime"),
+        (lambda t: read_item.apply_async((t,), eta="tomorrow"), "eta must be a datetime"),
+        (lambda t: read_item.apply_async("ab"), "args must be a list or tuple"),
+        (
+            lambda t: read_item.apply_async((t,), headers={"x": "y" * 5_000_000}),
+            "over the limit",
+        ),
         (lambda t: read_item.apply_async((t,), using="nope"), "'nope' is not a database alias"),
         (lambda t: read_item.delay(t, 1, 2, 3, 4), "takes from 2 to 4 positional arguments"),
     ],
@@ -292,6 +313,14 @@ class Unencodable:
         "pickle",
         "oversized",
         "bad-countdown",
+        "countdown-nan",
+        "countdown-huge",
+        "countdown-bool",
+        "expires-inf",
+        "expires-text",
+        "eta-text",
+        "args-string",
+        "huge-headers",
         "bad-alias",
         "bad-signature",
     ],

@@ -105,9 +105,9 @@ class EstimatedCountPaginator(Paginator):
 @admin.register(OutboxMessage)
 class OutboxMessageAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
     change_list_template = "admin/aftercommit/outboxmessage/change_list.html"
-    list_display = ("message_id", "task_name", "state", "attempts", "age", "sent", "error")
+    list_display = ("task_id", "task_name", "state", "attempts", "age", "sent", "error")
     list_filter = (StateFilter, TaskFilter)
-    search_fields = ("=task_name", "=message_id")
+    search_fields = ("=task_name", "=task_id")
     ordering = ("-id",)
     show_full_result_count = False
     paginator = EstimatedCountPaginator
@@ -116,7 +116,7 @@ class OutboxMessageAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
 
     # What everyone with the view permission sees; the payload and options need their own.
     public_fields = (
-        "message_id", "task_name", "status", "attempts", "last_error", "created_at", "due_at",
+        "task_id", "task_name", "status", "attempts", "last_error", "created_at", "due_at",
         "sent_at", "content_type",
     )  # fmt: skip
 
@@ -183,7 +183,9 @@ class OutboxMessageAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
             raise PermissionDenied
         message = get_object_or_404(self.get_queryset(request), pk=object_id)
         try:
-            args, kwargs = decode_arguments(message)
+            from .operations import celery_app
+
+            args, kwargs = decode_arguments(message, celery_app())
             options = decode_options(message)
         except Exception as exc:  # a poison message: show what is stored and why it fails
             return JsonResponse({"error": f"{type(exc).__name__}: {exc}", "raw": message.payload})
@@ -200,16 +202,14 @@ class OutboxMessageAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
         queryset = self.get_queryset(request)
         context = {
             **(extra_context or {}),
-            "outbox_summary": OutboxMessage.objects.using(queryset.db).summary(timezone.now()),
+            "outbox_summary": OutboxMessage.objects.using(queryset.db).summary(),
         }
         return super().changelist_view(request, extra_context=context)
 
     @admin.action(description="Send selected dead letters again", permissions=["retry"])
     def retry_dead_letters(self, request: HttpRequest, queryset: QuerySet[Any]) -> None:
         dead = list(queryset.filter(status=Status.DEAD))
-        OutboxMessage.objects.using(queryset.db).filter(pk__in=[m.pk for m in dead]).update(
-            status=Status.PENDING, attempts=0, due_at=timezone.now()
-        )
+        OutboxMessage.objects.using(queryset.db).filter(pk__in=[m.pk for m in dead]).retry_dead()
         self._log(request, dead, CHANGE, "Sent again from the dead letters")
         self.message_user(request, f"{len(dead)} dead letter(s) will be sent again.")
 
@@ -217,7 +217,7 @@ class OutboxMessageAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
     def discard_dead_letters(self, request: HttpRequest, queryset: QuerySet[Any]) -> None:
         dead = list(queryset.filter(status=Status.DEAD))
         self._log(request, dead, DELETION, "Discarded dead letter")
-        OutboxMessage.objects.using(queryset.db).filter(pk__in=[m.pk for m in dead]).delete()
+        OutboxMessage.objects.using(queryset.db).filter(pk__in=[m.pk for m in dead]).discard_dead()
         self.message_user(request, f"{len(dead)} dead letter(s) discarded.", messages.WARNING)
 
     def _log(self, request: HttpRequest, rows: list[OutboxMessage], flag: int, text: str) -> None:

@@ -1,13 +1,18 @@
 """The Celery task class, for ``Celery(task_cls="aftercommit.celery:Task")`` or
 ``@shared_task(base=Task)``.
 
-``apply_async`` (and so ``delay``) records the call in the current transaction instead of publishing
-it; the rest of Celery is untouched.
+``apply_async`` (and so ``delay``) runs Celery's own ``apply_async``; where Celery would publish,
+the call is recorded in the current transaction instead, and the relay sends it after the commit.
+The rest of Celery is untouched.
+
+Binding the class to an app (Celery's ``on_bound`` hook) does two things to that app, once: its
+``send_task`` learns to hand a call made through this class to aftercommit (every other call goes
+to Celery unchanged), and its workers get the relay as a bootstep (see ``RELAY_IN_WORKER``).
 """
 
 from __future__ import annotations
 
-import time
+from collections.abc import Callable
 from contextvars import ContextVar
 from typing import Any
 
@@ -16,16 +21,61 @@ from celery.result import AsyncResult
 from django.db import connections
 
 from . import dispatch, guard
-from .models import OutboxMessage
-from .publisher import publisher
 
 _sending_retry: ContextVar[bool] = ContextVar("aftercommit_sending_retry", default=False)
+
+
+class _Call:
+    """One apply_async in progress: what its send_task is recorded against."""
+
+    __slots__ = ("task", "using")
+
+    def __init__(self, task: celery.Task, using: str | None) -> None:
+        self.task = task
+        self.using = using
+
+
+_recording: ContextVar[_Call | None] = ContextVar("aftercommit_recording", default=None)
+_INTERCEPTED = "_aftercommit_send_task"
+
+
+def _intercept_send_task(app: celery.Celery) -> None:
+    """Make ``app.send_task`` record the call an aftercommit ``apply_async`` is making.
+
+    Celery's ``Task.apply_async`` ends in ``app.send_task``, the one place where the call is
+    complete (checked, converted, with the task's options) and nothing is built or sent yet.
+    Outside an aftercommit ``apply_async`` the original runs, unchanged.
+    """
+    if getattr(app, _INTERCEPTED, None) is not None:
+        return
+    send_task: Callable[..., Any] = app.send_task
+
+    def recording_send_task(name: str, args: Any = None, kwargs: Any = None, **options: Any) -> Any:
+        call = _recording.get()
+        if call is None or options.get("task_type") is not call.task:
+            return send_task(name, args, kwargs, **options)
+        token = _recording.set(None)  # anything published from here on is another call
+        try:
+            return dispatch.record(call.task, args, kwargs, options, using=call.using)
+        finally:
+            _recording.reset(token)
+
+    app.send_task = recording_send_task  # type: ignore[method-assign]
+    setattr(app, _INTERCEPTED, send_task)
 
 
 class Task(celery.Task):  # type: ignore[misc]
     #: ``@shared_task(after_commit=False)`` for a task that reads nothing from the database:
     #: it is published at once, like plain Celery.
     after_commit: bool = True
+
+    @classmethod
+    def on_bound(cls, app: celery.Celery) -> None:
+        super().on_bound(app)
+        _intercept_send_task(app)
+        from .worker import add_relay_step
+
+        add_relay_step(app)
 
     def apply_async(
         self,
@@ -53,79 +103,47 @@ class Task(celery.Task):  # type: ignore[misc]
                 return super().apply_async(
                     args, kwargs, task_id, producer, link, link_error, shadow, **options
                 )
-        args = tuple(args or ())
-        kwargs = dict(kwargs or {})
-        options = self._send_options(args, kwargs, link, link_error, shadow, options)
         app = self._get_app()
+        _intercept_send_task(app)  # a class bound before this module changed (tests)
         if app.conf.task_always_eager:
-            return self._apply_eager_at_commit(args, kwargs, task_id, using, options)
-
-        def publish(message: OutboxMessage) -> None:
-            message.committed_at = time.time()  # type: ignore[attr-defined]
-            publisher.submit(app, message)
-
-        message = dispatch.record(
-            self, args, kwargs, options, task_id=task_id, using=using, on_commit=publish
-        )
-        return self.AsyncResult(str(message.message_id))
-
-    def _send_options(
-        self,
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
-        link: Any,
-        link_error: Any,
-        shadow: str | None,
-        options: dict[str, Any],
-    ) -> dict[str, Any]:
-        """The front half of Celery's apply_async: checks and defaults, before anything is sent."""
-        if self.soft_time_limit and self.time_limit and self.soft_time_limit > self.time_limit:
-            raise ValueError("soft_time_limit must be less than or equal to time_limit")
-        if self.typing:
-            try:
-                check_arguments = self.__header__
-            except AttributeError:  # pragma: no cover
-                pass
-            else:
-                check_arguments(*args, **kwargs)
-        dispatch.check_options(self.name, options)
-        if self.__v2_compat__:
-            shadow = shadow or self.shadow_name(self(), args, kwargs, options)
-        else:
-            shadow = shadow or self.shadow_name(args, kwargs, options)
-        merged = dict(self._get_exec_options(), **options)
-        merged.setdefault("ignore_result", self.ignore_result)
-        if shadow:
-            merged["shadow"] = shadow
-        if link:
-            merged["link"] = link
-        if link_error:
-            merged["link_error"] = link_error
-        # Sent later, from another thread: keep the parent task this call was made from.
-        parent = self._get_app().current_worker_task
-        if parent is not None:
-            merged.setdefault("root_id", parent.request.root_id or parent.request.id)
-            merged.setdefault("parent_id", parent.request.id)
-        return {k: v for k, v in merged.items() if v is not None or k == "ignore_result"}
+            return self._apply_eager_at_commit(
+                args, kwargs, task_id, producer, link, link_error, shadow, using, options
+            )
+        token = _recording.set(_Call(self, using))
+        try:
+            result: AsyncResult = super().apply_async(
+                args, kwargs, task_id, producer, link, link_error, shadow, **options
+            )
+        finally:
+            _recording.reset(token)
+        return result
 
     def _apply_eager_at_commit(
         self,
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
+        args: Any,
+        kwargs: Any,
         task_id: str | None,
+        producer: Any,
+        link: Any,
+        link_error: Any,
+        shadow: str | None,
         using: str | None,
         options: dict[str, Any],
     ) -> AsyncResult:
         """task_always_eager: run the task when the transaction commits, as production would."""
+        dispatch.check_options(self._get_app(), self.name, options)
         alias = dispatch.resolve_alias(using, self.name)
         serializer = options.get("serializer") or self.serializer
-        dispatch.encode_arguments(self, args, kwargs, serializer)
-        task_id = task_id or celery.uuid()
+        dispatch.encode_arguments(self.name, args or (), kwargs or {}, serializer)
+        task_id = task_id or str(dispatch.time_ordered_uuid())
+        dispatch.recorded_eagerly(self, args or (), kwargs or {}, {**options, "task_id": task_id})
         for local in dispatch.LOCAL_OPTIONS:
             options.pop(local, None)
 
         def run() -> None:
-            self.apply(args, kwargs, task_id=task_id, **options)
+            super(Task, self).apply_async(
+                args, kwargs, task_id, producer, link, link_error, shadow, **options
+            )
 
         connections[alias].on_commit(run)
         return self.AsyncResult(task_id)

@@ -6,13 +6,11 @@ The checks that query the database are tagged ``database``: they run with
 
 from __future__ import annotations
 
-import datetime as dt
 import sys
 from typing import Any
 
 from django.core import checks
 from django.db import DatabaseError, connections
-from django.utils import timezone
 
 # A pending message older than this, past its due time, means nothing is relaying.
 STALE_AFTER_SECONDS = 60.0
@@ -72,7 +70,7 @@ def check_eager(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckMess
 def check_database(
     app_configs: Any = None, databases: Any = None, **kwargs: Any
 ) -> list[checks.CheckMessage]:
-    from .models import Lease, OutboxMessage, Status
+    from .models import Lease, OutboxMessage, Status, later
     from .relay import HEARTBEAT_PREFIX, outbox_aliases
 
     messages: list[checks.CheckMessage] = []
@@ -94,8 +92,15 @@ def check_database(
                     )
                 )
                 continue
-            now = timezone.now()
-            relays = list(Lease.objects.using(alias).alive(HEARTBEAT_PREFIX, now))
+            relays = list(Lease.objects.using(alias).alive(HEARTBEAT_PREFIX))
+            for error in sorted({r.detail for r in relays if r.detail}):
+                messages.append(
+                    checks.Error(
+                        f"A relay on database {alias!r} cannot send: {error}",
+                        hint="Fix the broker setup named above; the messages wait meanwhile.",
+                        id="aftercommit.E007",
+                    )
+                )
             skip_locked = connection.features.has_select_for_update_skip_locked
             if len(relays) > 1 and not skip_locked:
                 holders = ", ".join(sorted(r.holder for r in relays))
@@ -108,10 +113,9 @@ def check_database(
                         id="aftercommit.W004",
                     )
                 )
-            stale = now - dt.timedelta(seconds=STALE_AFTER_SECONDS)
             waiting = (
                 OutboxMessage.objects.using(alias)
-                .filter(status=Status.PENDING, due_at__lt=stale)
+                .filter(status=Status.PENDING, due_at__lt=later(-STALE_AFTER_SECONDS))
                 .count()
             )
             if waiting and not relays:
@@ -120,8 +124,9 @@ def check_database(
                         f"{waiting} message(s) on database {alias!r} have waited over "
                         f"{STALE_AFTER_SECONDS:.0f} s past their due time and no relay has been "
                         f"seen recently.",
-                        hint=f"Run: python manage.py aftercommit relay --database {alias} "
-                        f"(or in the worker); see README, 'Running the relay'.",
+                        hint="Start a Celery worker (it relays unless "
+                        "AFTERCOMMIT['RELAY_IN_WORKER'] is False), or: "
+                        f"python manage.py aftercommit relay --database {alias}",
                         id="aftercommit.W005",
                     )
                 )

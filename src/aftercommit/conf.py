@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from django.conf import settings as django_settings
+from django.core.signals import setting_changed
 
 from .exceptions import ImproperlyConfigured
 
@@ -42,17 +43,11 @@ SETTINGS: dict[str, Setting] = {
         "Aliases whose outbox the relay, status and purge look at (None: every alias where the "
         "outbox table may be migrated).",
     ),
-    "PUBLISHER": Setting(
+    "RELAY_IN_WORKER": Setting(
         True,
         bool,
-        "Send committed messages at once from a background thread of the process that recorded "
-        "them. False leaves every message to the relay.",
-    ),
-    "GRACE_PERIOD": Setting(
-        10.0,
-        (int, float),
-        "Seconds a committed message may stay unsent before the relay takes it over.",
-        minimum=0,
+        "Run the relay inside every Celery worker (a worker bootstep); the workers share the work "
+        "through the claim. False: run `manage.py aftercommit relay` yourself.",
     ),
     "MAX_ATTEMPTS": Setting(
         10, int, "Failed sends of one message before it becomes a dead letter.", minimum=1
@@ -75,7 +70,19 @@ SETTINGS: dict[str, Setting] = {
     ),
     "BATCH_SIZE": Setting(500, int, "Messages claimed and sent per relay batch.", minimum=1),
     "POLL_INTERVAL": Setting(
-        1.0, (int, float), "Seconds the relay sleeps when nothing is due.", minimum=0.01
+        1.0,
+        (int, float),
+        "Seconds between the relay's looks for due messages when nothing wakes it. On PostgreSQL "
+        "each commit wakes it (LISTEN/NOTIFY), so this is only the safety net and the pace of "
+        "retries.",
+        minimum=0.01,
+    ),
+    "PROBE_INTERVAL": Setting(
+        0.02,
+        (int, float),
+        "Seconds between the relay's cheap looks for new messages on databases that cannot notify "
+        "it (MariaDB/MySQL, SQLite): one read of the claim index each time.",
+        minimum=0.001,
     ),
     "MAX_PAYLOAD_BYTES": Setting(
         256 * 1024,
@@ -110,63 +117,92 @@ SETTINGS: dict[str, Setting] = {
         bool,
         "Whether status and health fail when no relay has shown a heartbeat recently.",
     ),
-    "EXIT_FLUSH_TIMEOUT": Setting(
-        5.0,
-        (int, float),
-        "Seconds a process waits at exit for its publisher to send what it holds.",
-        minimum=0,
-    ),
 }
 
 
 class Settings:
-    """Typed access to ``settings.AFTERCOMMIT``; nothing is cached, tests may override at will."""
+    """Typed access to ``settings.AFTERCOMMIT``, validated once per value of the setting.
 
-    def _raw(self) -> dict[str, Any]:
+    Nothing is cached at import: the validated values are dropped whenever Django reports the
+    setting changed (``override_settings`` in tests), or the dict itself is replaced.
+    """
+
+    def __init__(self) -> None:
+        self._checked: tuple[int, dict[str, Any]] | None = None
+
+    def _values(self) -> dict[str, Any]:
         raw = getattr(django_settings, "AFTERCOMMIT", None) or {}
-        if not isinstance(raw, dict):
-            raise ImproperlyConfigured(
-                f"settings.AFTERCOMMIT must be a dict, not {type(raw).__name__}."
-            )
-        unknown = sorted(set(raw) - set(SETTINGS))
-        if unknown:
-            raise ImproperlyConfigured(
-                f"Unknown key(s) in settings.AFTERCOMMIT: {', '.join(unknown)}. "
-                f"Known keys: {', '.join(sorted(SETTINGS))}."
-            )
-        return raw
+        checked = self._checked
+        if checked is not None and checked[0] == id(raw):
+            return checked[1]
+        values = _validate(raw)
+        self._checked = (id(raw), values)
+        return values
+
+    def reset(self, **kwargs: Any) -> None:
+        self._checked = None
 
     def __getattr__(self, name: str) -> Any:
-        try:
-            spec = SETTINGS[name]
-        except KeyError:
-            raise AttributeError(name) from None
-        raw = self._raw()
-        if name not in raw:
-            return spec.default
-        value = raw[name]
-        ok = isinstance(value, spec.kind) and not (
-            isinstance(value, bool) and spec.kind in (int, (int, float))
+        if name not in SETTINGS:
+            raise AttributeError(name)
+        return self._values()[name]
+
+
+def _validate(raw: Any) -> dict[str, Any]:
+    if not isinstance(raw, dict):
+        raise ImproperlyConfigured(
+            f"settings.AFTERCOMMIT must be a dict, not {type(raw).__name__}."
         )
-        if not ok:
-            expected = (
-                " or ".join(k.__name__ for k in spec.kind)
-                if isinstance(spec.kind, tuple)
-                else spec.kind.__name__
-            )
-            raise ImproperlyConfigured(
-                f"settings.AFTERCOMMIT[{name!r}] must be {expected}, got {value!r}. {spec.help}"
-            )
-        if spec.choices is not None and value not in spec.choices:
-            raise ImproperlyConfigured(
-                f"settings.AFTERCOMMIT[{name!r}] must be one of "
-                f"{', '.join(map(repr, spec.choices))}, got {value!r}."
-            )
-        if spec.minimum is not None and value < spec.minimum:
-            raise ImproperlyConfigured(
-                f"settings.AFTERCOMMIT[{name!r}] must be at least {spec.minimum}, got {value!r}."
-            )
-        return value
+    unknown = sorted(set(raw) - set(SETTINGS))
+    if unknown:
+        removed = {
+            "GRACE_PERIOD": "the relay sees a message the moment its transaction commits",
+            "PUBLISHER": "the relay is the only sender",
+            "EXIT_FLUSH_TIMEOUT": "web processes hold nothing to flush",
+        }
+        why = "; ".join(f"{k} was removed in 0.2: {removed[k]}" for k in unknown if k in removed)
+        raise ImproperlyConfigured(
+            f"Unknown key(s) in settings.AFTERCOMMIT: {', '.join(unknown)}. "
+            + (f"{why}. Delete it. " if why else "")
+            + f"Known keys: {', '.join(sorted(SETTINGS))}."
+        )
+    values = {}
+    for name, spec in SETTINGS.items():
+        values[name] = _checked(name, spec, raw[name]) if name in raw else spec.default
+    return values
+
+
+def _checked(name: str, spec: Setting, value: Any) -> Any:
+    ok = isinstance(value, spec.kind) and not (
+        isinstance(value, bool) and spec.kind in (int, (int, float))
+    )
+    if not ok:
+        expected = (
+            " or ".join(k.__name__ for k in spec.kind)
+            if isinstance(spec.kind, tuple)
+            else spec.kind.__name__
+        )
+        raise ImproperlyConfigured(
+            f"settings.AFTERCOMMIT[{name!r}] must be {expected}, got {value!r}. {spec.help}"
+        )
+    if spec.choices is not None and value not in spec.choices:
+        raise ImproperlyConfigured(
+            f"settings.AFTERCOMMIT[{name!r}] must be one of "
+            f"{', '.join(map(repr, spec.choices))}, got {value!r}."
+        )
+    if spec.minimum is not None and value < spec.minimum:
+        raise ImproperlyConfigured(
+            f"settings.AFTERCOMMIT[{name!r}] must be at least {spec.minimum}, got {value!r}."
+        )
+    return value
 
 
 settings = Settings()
+
+
+def _on_setting_changed(setting: str, **kwargs: Any) -> None:
+    if setting == "AFTERCOMMIT":
+        settings.reset()
+
+
+setting_changed.connect(_on_setting_changed)

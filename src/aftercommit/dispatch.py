@@ -1,66 +1,70 @@
-"""A task call inside a transaction becomes an outbox row in that transaction, handed to the
-publisher after commit. Everything that can be wrong with the call is checked here, before anything
+"""A task call inside a transaction becomes an outbox row in that transaction; that is all the
+caller's process does. Everything that can be wrong with the call is checked here, before anything
 is stored.
+
+The call reaches :func:`record` with what Celery's own ``Task.apply_async`` handed to
+``app.send_task`` (argument checks, pydantic conversion, shadow name and the task's execution
+options are Celery's code, so a Celery upgrade brings its changes along). The parts of
+``send_task`` that depend on the caller (the default task id, the reply queue, the parent task,
+the result backend's subscription, the returned result) are done here; building and publishing
+the message is the relay's (see :mod:`aftercommit.messages`).
 """
 
 from __future__ import annotations
 
 import base64
 import datetime as dt
+import inspect
+import math
+import numbers
 import os
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Mapping
+from functools import lru_cache
 from typing import TYPE_CHECKING, Any
 
 from django.db import DEFAULT_DB_ALIAS, connections
 from django.db.backends.base.base import BaseDatabaseWrapper
-from django.utils import timezone
 from kombu import serialization
-from kombu.exceptions import ContentDisallowed, EncodeError
+from kombu.exceptions import ContentDisallowed, DecodeError, EncodeError
 from kombu.utils import json as kombu_json
 
-from . import signals
+from . import signals, tracing, wakeup
 from .conf import settings
 from .exceptions import AmbiguousDatabaseError, DispatchError
-from .models import OutboxMessage
+from .models import OutboxMessage, Status
 
 if TYPE_CHECKING:
+    from celery import Celery
     from celery import Task as CeleryTask
+    from celery.result import AsyncResult
 
-# What Celery's apply_async and kombu's Producer.publish accept; anything else is a typo that plain
-# Celery would silently put in the message headers.
-SEND_OPTIONS = frozenset(
-    {
-        "add_to_parent", "chain", "chord", "compression", "content_encoding", "content_type",
-        "countdown", "delivery_mode", "eta", "exchange", "exchange_type", "expires", "group_id",
-        "group_index", "headers", "ignore_result", "immediate", "link", "link_error", "mandatory",
-        "parent_id", "priority", "queue", "replaced_task_nesting", "reply_to", "retries", "retry",
-        "retry_policy", "root_id", "route_name", "routing_key", "serializer", "shadow",
-        "soft_time_limit", "stamped_headers", "stamps", "task_type", "time_limit", "timeout",
-        "declare", "argsrepr", "kwargsrepr", "expiration", "user_id", "message_ttl",
-    }
-)  # fmt: skip
-
-# Meaningful only in the calling process, so not stored: the publisher brings its own producer and
-# its own retry policy (a failed send is the relay's to retry, with backoff).
+# Meaningful only in the calling process, so never stored: the relay brings its own producer, and
+# its own retry policy (a failed send is the relay's to retry, with backoff). task_type and
+# result_cls are the caller's objects; add_to_parent is done at the call.
 LOCAL_OPTIONS = frozenset(
     {
-        "producer", "connection", "publisher", "router", "result_cls", "retry", "retry_policy",
+        "producer", "connection", "publisher", "result_cls", "retry", "retry_policy",
         "add_to_parent", "task_type",
     }
 )  # fmt: skip
+# Ours, not Celery's.
+OWN_OPTIONS = frozenset({"using", "after_commit"})
 
 BINARY = "binary"
+# Relative times and dates further away than this are mistakes (1e12 seconds is 31,700 years and
+# overflows a datetime when the message is built).
+MAX_SECONDS = 100 * 365.25 * 24 * 3600
 
 
 def time_ordered_uuid() -> uuid.UUID:
     """A UUIDv7 (RFC 9562): Unix milliseconds, then random bits.
 
-    The message id is the Celery task id and the outbox's unique key. A random (v4) id puts each
-    new row on a random page of that index, which stops fitting in memory once millions of sent
-    rows are kept: measured, one buffer miss and a full-page image (15x the WAL) per dispatch.
-    Time-ordered ids land on the index's right edge, as the primary key does.
+    The default task id. A random (v4) id puts each new row on a random page of the task id index,
+    which stops fitting in memory once millions of sent rows are kept: measured, one buffer miss
+    and a full-page image (15x the WAL) per dispatch. Time-ordered ids land on the index's right
+    edge, as the primary key does.
     """
     value = (time.time_ns() // 1_000_000) << 80 | int.from_bytes(os.urandom(10), "big")
     value = value & ~(0xF << 76) | 0x7 << 76  # version 7
@@ -107,53 +111,84 @@ def resolve_alias(using: str | None, task_name: str) -> str:
     return alias
 
 
+# Encoding and decoding ----------------------------------------------------------------------------
+
+
 def encode_arguments(
-    task: CeleryTask, args: tuple[Any, ...] | list[Any], kwargs: dict[str, Any], serializer: str
+    task_name: str, args: Any, kwargs: Any, serializer: str
 ) -> tuple[str, str, str]:
     """Encode (args, kwargs) the way the message body will, refusing what cannot be sent."""
+    if not isinstance(args, (list, tuple)):
+        # What Celery raises when it builds the message; a string would otherwise be sent as
+        # its characters.
+        raise TypeError(f"{task_name}: task args must be a list or tuple, got {args!r}.")
+    if not isinstance(kwargs, Mapping):
+        raise TypeError(f"{task_name}: task keyword arguments must be a mapping, got {kwargs!r}.")
     if serializer == "pickle":
         raise DispatchError(
-            f"{task.name}: the pickle serializer is refused: a stored pickle runs code when it is "
+            f"{task_name}: the pickle serializer is refused: a stored pickle runs code when it is "
             f"read back. Use serializer='json' (the default) and pass ids or plain data."
         )
     try:
-        content_type, content_encoding, data = serialization.dumps((args, kwargs), serializer)
+        content_type, content_encoding, data = serialization.dumps(
+            (list(args), dict(kwargs)), serializer
+        )
     except (EncodeError, TypeError, ValueError) as exc:
         raise DispatchError(
-            f"{task.name}: the arguments cannot be encoded with the {serializer!r} serializer "
+            f"{task_name}: the arguments cannot be encoded with the {serializer!r} serializer "
             f"({exc}). Pass plain values (ids, strings, numbers, lists, dicts), e.g. obj.pk "
             f"instead of obj."
         ) from exc
     except (ContentDisallowed, serialization.SerializerNotInstalled) as exc:
         raise DispatchError(
-            f"{task.name}: serializer {serializer!r} is not usable ({exc})."
+            f"{task_name}: serializer {serializer!r} is not usable ({exc})."
         ) from exc
     if isinstance(data, bytes):
         if content_encoding == BINARY:
             data = base64.b64encode(data).decode("ascii")
         else:
             data = data.decode(content_encoding)
-    limit = settings.MAX_PAYLOAD_BYTES
-    if len(data) > limit:
-        raise DispatchError(
-            f"{task.name}: the encoded arguments are {len(data)} bytes, over the limit of {limit}. "
-            f"Store large data in the database or a file and pass its id, or raise "
-            f"AFTERCOMMIT['MAX_PAYLOAD_BYTES']."
-        )
     return content_type, content_encoding, data
 
 
-def decode_arguments(message: OutboxMessage) -> tuple[list[Any], dict[str, Any]]:
+def allowed_content_types(app: Celery | None = None) -> frozenset[str]:
+    """What a stored row may be decoded as: JSON, and the app's ``accept_content`` minus pickle.
+
+    Fixed by the settings, never by the row: a row that says it is a pickle is refused, so a row
+    planted in the table cannot run code when the relay, the admin or a test helper reads it.
+    """
+    accept = {"json"}
+    if app is not None:
+        accept.update(app.conf.accept_content or ())
+    return _content_types(frozenset(accept))
+
+
+@lru_cache(maxsize=16)
+def _content_types(names: frozenset[str]) -> frozenset[str]:
+    types = set(serialization.prepare_accept_content(sorted(names)))
+    return frozenset(t for t in types if "pickle" not in t and "python-serialize" not in t)
+
+
+def decode_arguments(
+    message: OutboxMessage, app: Celery | None = None
+) -> tuple[list[Any], dict[str, Any]]:
+    """The row's (args, kwargs); ``ContentDisallowed`` for a content type outside the allow-list."""
     data: str | bytes = message.payload
     if message.content_encoding == BINARY:
         data = base64.b64decode(data)
-    args, kwargs = serialization.loads(
-        data,
-        message.content_type,
-        message.content_encoding,
-        accept=[message.content_type],
-    )
-    return args, kwargs
+    accept = allowed_content_types(app)
+    if message.content_type not in accept:
+        raise ContentDisallowed(
+            f"refusing to decode content type {message.content_type!r}; allowed: "
+            f"{', '.join(sorted(accept))} (AFTERCOMMIT never decodes pickle)"
+        )
+    try:
+        args, kwargs = serialization.loads(
+            data, message.content_type, message.content_encoding, accept=accept
+        )
+    except ValueError as exc:
+        raise DecodeError(f"cannot unpack the stored arguments: {exc}") from exc
+    return list(args), dict(kwargs)
 
 
 def encode_options(task_name: str, options: dict[str, Any]) -> str:
@@ -162,7 +197,7 @@ def encode_options(task_name: str, options: dict[str, Any]) -> str:
     except (TypeError, ValueError) as exc:
         raise DispatchError(
             f"{task_name}: a send option cannot be stored ({exc}). Options must be plain values, "
-            f"datetimes or Celery signatures."
+            f"datetimes or Celery signatures (a queue by its name, not a Queue object)."
         ) from exc
 
 
@@ -171,46 +206,151 @@ def decode_options(message: OutboxMessage) -> dict[str, Any]:
     return options
 
 
-def check_options(task_name: str, options: dict[str, Any]) -> None:
-    unknown = sorted(set(options) - SEND_OPTIONS - LOCAL_OPTIONS)
+# The call's options -------------------------------------------------------------------------------
+
+
+@lru_cache(maxsize=8)
+def accepted_options(app: Celery) -> frozenset[str]:
+    """Every option Celery's own sending path names: ``send_task``, the protocol-2 message builder,
+    ``send_task_message``, kombu's ``Producer.publish``, the AMQP message properties, and
+    ``Task.apply`` (eager). Taken from Celery and kombu, so a new option in either is accepted.
+    """
+    from celery import Celery
+    from celery import Task as CeleryTask
+    from kombu import Producer
+
+    names: set[str] = set()
+    for function in (
+        Celery.send_task,
+        app.amqp.as_task_v2,
+        app.amqp.send_task_message,
+        Producer.publish,
+        CeleryTask.apply,
+        CeleryTask.apply_async,
+    ):
+        names.update(
+            name
+            for name, p in inspect.signature(function).parameters.items()
+            if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+        )
+    try:
+        from amqp.basic_message import Message
+    except ImportError:  # pragma: no cover - py-amqp is kombu's dependency
+        pass
+    else:
+        names.update(name for name, _ in Message.PROPERTIES)
+    names.update({"stamped_headers", "stamps", "task_type", "route_name", "exchange_type"})
+    names.discard("self")
+    return frozenset(names)
+
+
+def check_options(app: Celery, task_name: str, options: dict[str, Any]) -> None:
+    stamps = options.get("stamped_headers") or ()
+    if isinstance(stamps, str):
+        stamps = (stamps,)
+    unknown = sorted(set(options) - accepted_options(app) - LOCAL_OPTIONS - set(stamps))
     if unknown:
         raise DispatchError(
-            f"{task_name}: unknown option(s) {', '.join(unknown)}. apply_async() accepts "
-            f"{', '.join(sorted(SEND_OPTIONS))} and using=<database alias>."
+            f"{task_name}: unknown option(s) {', '.join(unknown)}. apply_async() accepts Celery's "
+            f"send options (countdown, eta, expires, queue, routing_key, priority, headers, ...), "
+            f"stamps named in stamped_headers, and using=<database alias>."
         )
     countdown = options.get("countdown")
-    if countdown is not None and not isinstance(countdown, (int, float)):
-        raise DispatchError(
-            f"{task_name}: countdown must be a number of seconds, got {countdown!r}."
-        )
+    if countdown is not None:
+        _check_seconds(task_name, "countdown", countdown)
     eta = options.get("eta")
-    if eta is not None and not isinstance(eta, (dt.datetime, str)):
-        raise DispatchError(f"{task_name}: eta must be a datetime, got {eta!r}.")
+    if eta is not None:
+        _check_date(task_name, "eta", eta)
     if countdown is not None and eta is not None:
         raise DispatchError(f"{task_name}: pass countdown or eta, not both.")
     expires = options.get("expires")
-    if expires is not None and not isinstance(expires, (int, float, dt.datetime, str)):
-        raise DispatchError(f"{task_name}: expires must be seconds or a datetime, got {expires!r}.")
+    if expires is not None:
+        if isinstance(expires, numbers.Real) and not isinstance(expires, bool):
+            _check_seconds(task_name, "expires", expires)
+        else:
+            _check_date(task_name, "expires", expires)
     priority = options.get("priority")
-    if priority is not None and not (isinstance(priority, int) and 0 <= priority <= 255):
+    if priority is not None and not (
+        isinstance(priority, int) and not isinstance(priority, bool) and 0 <= priority <= 255
+    ):
         raise DispatchError(
             f"{task_name}: priority must be an int from 0 to 255, got {priority!r}."
         )
+    headers = options.get("headers")
+    if headers is not None and not isinstance(headers, Mapping):
+        raise DispatchError(f"{task_name}: headers must be a dict, got {headers!r}.")
+    if options.get("router") is not None:
+        raise DispatchError(
+            f"{task_name}: router= is an object of the calling process and cannot be stored. "
+            f"Route with queue=/routing_key=, or with the app's task_routes."
+        )
+
+
+def _check_seconds(task_name: str, what: str, value: Any) -> None:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, numbers.Real)
+        or not math.isfinite(value)
+        or abs(float(value)) > MAX_SECONDS
+    ):
+        raise DispatchError(
+            f"{task_name}: {what} must be a finite number of seconds (at most 100 years), "
+            f"got {value!r}."
+        )
+
+
+def _check_date(task_name: str, what: str, value: Any) -> None:
+    if isinstance(value, str):
+        try:
+            value = dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
+        except ValueError:
+            raise DispatchError(
+                f"{task_name}: {what} must be a datetime or an ISO 8601 date and time "
+                f"(e.g. '2030-01-01T12:00:00+00:00'), got {value!r}."
+            ) from None
+    if not isinstance(value, dt.datetime):
+        raise DispatchError(
+            f"{task_name}: {what} must be a datetime"
+            + (" or a number of seconds" if what == "expires" else "")
+            + f", got {value!r}."
+        )
+
+
+# Recording ---------------------------------------------------------------------------------
+
+
+class _ProducerOnDemand:
+    """The producer ``backend.on_task_call`` gets: acquired only if the backend uses it. The rpc://
+    backend declares the caller's reply queue with it; Redis subscribes without it, so most web
+    processes never open a broker connection."""
+
+    def __init__(self, app: Celery) -> None:
+        self._app = app
+        self._context: Any = None
+        self._producer: Any = None
+
+    def __getattr__(self, name: str) -> Any:
+        if self._producer is None:
+            self._context = self._app.producer_or_acquire(None)
+            self._producer = self._context.__enter__()
+        return getattr(self._producer, name)
+
+    def release(self) -> None:
+        if self._context is not None:
+            self._context.__exit__(None, None, None)
 
 
 def record(
     task: CeleryTask,
-    args: tuple[Any, ...] | list[Any],
-    kwargs: dict[str, Any],
+    args: Any,
+    kwargs: Any,
     options: dict[str, Any],
     *,
-    task_id: str | None,
     using: str | None,
-    on_commit: Callable[[OutboxMessage], None],
-) -> OutboxMessage:
-    """Validate, insert the row in the caller's transaction, call ``on_commit(row)`` after commit.
+) -> AsyncResult:
+    """Validate the call, INSERT its row in the caller's transaction, return its result.
 
-    ``options`` are the send options already merged the way Celery's apply_async merges them.
+    ``options`` are the keyword arguments Celery's ``apply_async`` gave ``send_task``.
     """
     app = task._get_app()
     name = task.name
@@ -219,47 +359,77 @@ def record(
             f"{name}: no task of this name is registered in the Celery app {app.main!r}. "
             f"Import the module that defines it (or add it to the app's imports)."
         )
-    check_options(name, options)
+    args = () if args is None else args
+    kwargs = {} if kwargs is None else kwargs
+    check_options(app, name, options)
     alias = resolve_alias(using, name)
     serializer = options.get("serializer") or task.serializer or app.conf.task_serializer
-    content_type, content_encoding, payload = encode_arguments(task, args, kwargs, serializer)
-    for local in LOCAL_OPTIONS:
-        options.pop(local, None)
-    if task_id is not None:
-        try:
-            message_id = uuid.UUID(str(task_id))
-        except ValueError as exc:
-            raise DispatchError(f"{name}: task_id must be a UUID, got {task_id!r}.") from exc
-        # Checked first (only for a caller's own id) so the mistake is a clear error and the
-        # caller's transaction stays usable; the unique index still guards a race.
-        if OutboxMessage.objects.using(alias).filter(message_id=message_id).exists():
-            raise DispatchError(
-                f"{name}: task_id {task_id} is already the id of another message in the outbox. "
-                f"Task ids must be unique: pass a new one, or none to get one."
-            )
-    else:
-        message_id = time_ordered_uuid()
-    encoded_options = encode_options(name, options)
+    content_type, content_encoding, payload = encode_arguments(name, args, kwargs, serializer)
 
-    now = timezone.now()
+    result_cls = options.get("result_cls") or app.AsyncResult
+    add_to_parent = options.get("add_to_parent", True)
+    call = {k: v for k, v in options.items() if k not in LOCAL_OPTIONS and v is not None}
+    task_id = call.pop("task_id", None)
+    task_id = str(task_id) if task_id else str(time_ordered_uuid())
+    # What send_task would take from the calling thread, kept for the relay's thread.
+    call["reply_to"] = call.get("reply_to") or app.thread_oid
+    parent = app.current_worker_task
+    if parent is not None:
+        call.setdefault("root_id", parent.request.root_id or parent.request.id)
+        call.setdefault("parent_id", parent.request.id)
+        if app.conf.task_inherit_parent_priority:
+            priority = (parent.request.delivery_info or {}).get("priority")
+            if priority is not None:
+                call.setdefault("priority", priority)
+    ignore_result = bool(call.get("ignore_result", False))
+    encoded_options = encode_options(name, call)
+    limit = settings.MAX_PAYLOAD_BYTES
+    size = len(payload) + len(encoded_options)
+    if size > limit:
+        raise DispatchError(
+            f"{name}: the encoded arguments and options are {size} bytes, over the limit of "
+            f"{limit}. Store large data in the database or a file and pass its id, or raise "
+            f"AFTERCOMMIT['MAX_PAYLOAD_BYTES']."
+        )
+
     message = OutboxMessage.objects.using(alias).insert(
-        message_id=message_id,
+        task_id=task_id,
         task_name=name,
         payload=payload,
         content_type=content_type,
         content_encoding=content_encoding,
         options=encoded_options,
-        created_at=now,
-        due_at=now + dt.timedelta(seconds=settings.GRACE_PERIOD),
+        trace=tracing.capture(),
+        status=Status.PENDING,
     )
-
     signals.send(signals.recorded, message=message, using=alias)
+    wakeup.after_commit(alias)
 
-    def hand_over() -> None:
-        on_commit(message)
+    if not ignore_result:
+        producer = _ProducerOnDemand(app)
+        try:
+            app.backend.on_task_call(producer, task_id)
+        finally:
+            producer.release()
+    result: AsyncResult = result_cls(task_id)
+    result.ignored = ignore_result
+    if add_to_parent and parent is not None:
+        parent.add_trail(result)
+    return result
 
-    # One hook per message: Django drops the hooks of a rolled-back savepoint for us, and a hook
-    # registered outside a transaction runs at once. Robust: nothing raises into the caller after
-    # the data was committed.
-    connections[alias].on_commit(hand_over, robust=True)
-    return message
+
+def recorded_eagerly(task: CeleryTask, args: Any, kwargs: Any, options: dict[str, Any]) -> None:
+    """Under ``task_always_eager`` nothing is stored, but test helpers still hear of the call."""
+    if not signals.recorded.has_listeners():
+        return
+    serializer = options.get("serializer") or task.serializer or "json"
+    content_type, content_encoding, payload = encode_arguments(task.name, args, kwargs, serializer)
+    message = OutboxMessage(
+        task_id=str(options.get("task_id") or ""),
+        task_name=task.name,
+        payload=payload,
+        content_type=content_type,
+        content_encoding=content_encoding,
+        options="{}",
+    )
+    signals.send(signals.recorded, message=message, using=None)

@@ -11,6 +11,7 @@ user's tasks and task classes are not touched.
 
 from __future__ import annotations
 
+import functools
 import sys
 import warnings
 from collections.abc import Callable, Iterator
@@ -149,6 +150,7 @@ def install(app: Any) -> None:
         return
     original: Callable[..., Any] = amqp.send_task_message
 
+    @functools.wraps(original)  # its signature stays Celery's (dispatch reads the options)
     def send_task_message(producer: Any, name: str, message: Any, *args: Any, **kwargs: Any) -> Any:
         check(name)
         return original(producer, name, message, *args, **kwargs)

@@ -1,11 +1,13 @@
-"""The outbox table and the operations on it, as SQL the publisher and the relay call by name.
+"""The outbox table and the operations on it, as SQL the relay calls by name.
 
-A message is a row: recorded in the caller's transaction, sent after commit, marked sent.
-``due_at`` is the one clock the relay reads: for a fresh row it is "created + grace period" (the
-in-process publisher should have sent it by then), for a claimed row the end of the claimer's
-lease, for a failed row the time of its next attempt. Every relay query reads the index
-``(status, due_at, id)`` in order, so finding due work costs the same with millions of sent rows
-kept for retention, or a backlog of millions of due ones.
+A message is a row: recorded in the caller's transaction, claimed by one sender, sent, marked sent.
+Every time the protocol compares is the database's own clock (``Now()``), never a process's: a web
+server or a relay whose clock is off cannot make a row due early or steal another sender's claim.
+``due_at`` is the one column the claim reads: for a new row the moment it was recorded (it is
+invisible until its transaction commits, so no grace period is needed), for a claimed row the end
+of the claimer's lease, for a failed row the time of its next attempt. Every claim reads the
+index ``(status, due_at, id)`` in order, so finding due work costs the same with millions of sent
+rows kept for retention, or a backlog of millions of due ones.
 """
 
 from __future__ import annotations
@@ -16,9 +18,9 @@ from typing import Any, NamedTuple
 
 from django.db import IntegrityError, connections, models, transaction
 from django.db.backends.base.base import BaseDatabaseWrapper
-from django.db.models import Count, Min, Q
-from django.db.models.sql import InsertQuery
-from django.utils import timezone
+from django.db.models import Count, ExpressionWrapper, Min, Q
+from django.db.models.functions import Now
+from django.db.models.sql import InsertQuery, Query
 
 
 class Status(models.IntegerChoices):
@@ -27,14 +29,40 @@ class Status(models.IntegerChoices):
     DEAD = 2, "dead"
 
 
+def later(seconds: float) -> ExpressionWrapper:
+    """The database's now plus ``seconds``, as an expression."""
+    return ExpressionWrapper(
+        Now() + dt.timedelta(seconds=seconds), output_field=models.DateTimeField()
+    )
+
+
+def database_now(alias: str) -> dt.datetime:
+    """The database's clock, aware, in UTC."""
+    connection = connections[alias]
+    compiler = Query(None).get_compiler(using=alias)
+    sql, params = compiler.compile(Now())
+    with connection.cursor() as cursor:
+        cursor.execute(f"SELECT {sql}", params)
+        (value,) = cursor.fetchone()
+    field = models.DateTimeField()
+    for converter in connection.ops.get_db_converters(ExpressionWrapper(Now(), output_field=field)):
+        value = converter(value, None, connection)
+    if isinstance(value, str):  # SQLite's STRFTIME text
+        value = dt.datetime.fromisoformat(value)
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=dt.timezone.utc)
+    return value.astimezone(dt.timezone.utc)
+
+
 class OutboxMessageQuerySet(models.QuerySet["OutboxMessage"]):
     def insert(self, **values: Any) -> OutboxMessage:
         """Write one message: the one statement a dispatch adds to the caller's transaction.
 
         What ``create()`` does, minus its per-call SQL compilation (half its cost, measured): the
         INSERT is compiled once per kind of database by Django's own compiler, and each call only
-        converts the values with the fields' own ``get_db_prep_save``. No model signals are sent;
-        aftercommit's ``recorded`` signal is.
+        converts the values with the fields' own ``get_db_prep_save``. ``created_at`` and
+        ``due_at`` are the database's clock. No model signals are sent; aftercommit's
+        ``recorded`` signal is.
         """
         connection = connections[self.db]
         statement = _insert_statement(connection)
@@ -44,8 +72,8 @@ class OutboxMessageQuerySet(models.QuerySet["OutboxMessage"]):
             for field in statement.fields
         ]
         ops: Any = connection.ops
-        # As save() does: a failed INSERT (a duplicate task_id) dooms the caller's atomic block,
-        # so the caller's data cannot commit without its message.
+        # As save() does: a failed INSERT dooms the caller's atomic block, so the caller's data
+        # cannot commit without its message.
         with transaction.mark_for_rollback_on_error(using=self.db), connection.cursor() as cursor:
             cursor.execute(statement.sql, params)
             if statement.returning_params is None:
@@ -62,107 +90,116 @@ class OutboxMessageQuerySet(models.QuerySet["OutboxMessage"]):
     def pending(self) -> OutboxMessageQuerySet:
         return self.filter(status=Status.PENDING)
 
-    def due(self, now: dt.datetime) -> OutboxMessageQuerySet:
-        return self.filter(status=Status.PENDING, due_at__lte=now).order_by("due_at", "id")
+    def due(self) -> OutboxMessageQuerySet:
+        return self.filter(status=Status.PENDING, due_at__lte=Now()).order_by("due_at", "id")
 
-    def claim(
-        self, *, limit: int, lease_until: dt.datetime, now: dt.datetime
-    ) -> list[OutboxMessage]:
-        """Take up to ``limit`` due messages for this caller until ``lease_until``.
+    def any_due(self) -> bool:
+        """A read-only look at the claim index: the cheap probe before a claim where nothing
+        wakes the relay (databases without notifications)."""
+        return self.due().exists()
+
+    def claim(self, *, limit: int, lease: float) -> list[OutboxMessage]:
+        """Take up to ``limit`` due messages for ``lease`` seconds, by the database's clock.
 
         One short transaction: rows locked by another claimer are skipped, never waited on, and the
-        lease is written before the locks are released, so two relays never hold the same row.
-        Backends without SKIP LOCKED (SQLite) must hold the single-claimer lease (see Lease).
+        lease is written before the locks are released, so two senders never hold the same row.
+        Databases without SKIP LOCKED (SQLite) must hold the single-claimer lease (see Lease).
+        Each row comes back with ``claimed_at``, the database's time of the claim.
         """
         alias = self.db
-        skip_locked = self._skip_locked_supported()
+        skip_locked = connections[alias].features.has_select_for_update_skip_locked
         with transaction.atomic(using=alias):
             if not skip_locked:
                 # SQLite: take the write lock before reading. A transaction that reads and then
-                # writes fails at once ("database is locked") when another connection, such as a
-                # publisher marking its batch sent, wrote in between; this statement waits instead.
-                self.model.objects.using(alias).filter(pk=-1).update(due_at=lease_until)
-            qs = self.due(now)
+                # writes fails at once ("database is locked") when another connection wrote in
+                # between; this statement waits instead.
+                self.model.objects.using(alias).filter(pk=-1).update(due_at=Now())
+            qs = self.due().annotate(claimed_at=ExpressionWrapper(Now(), models.DateTimeField()))
             if skip_locked:
-                qs = qs.select_for_update(skip_locked=True)
-            rows = list(qs[:limit])
+                qs = qs.select_for_update(skip_locked=True, of=("self",))
+            rows: list[OutboxMessage] = list(qs[:limit])
             if rows:
                 self.model.objects.using(alias).filter(id__in=[r.id for r in rows]).update(
-                    due_at=lease_until
+                    due_at=later(lease)
                 )
         return rows
 
-    def _skip_locked_supported(self) -> bool:
-        return bool(connections[self.db].features.has_select_for_update_skip_locked)
-
-    def mark_sent(self, ids: Sequence[int], now: dt.datetime) -> int:
+    def mark_sent(self, ids: Sequence[int]) -> int:
         """One UPDATE for a whole batch. Only pending rows change: a dead letter stays dead."""
         if not ids:
             return 0
         return self.filter(id__in=ids, status=Status.PENDING).update(
-            status=Status.SENT, sent_at=now, last_error=""
+            status=Status.SENT, sent_at=Now(), last_error=""
         )
 
-    def reschedule(self, ids: Sequence[int], due_at: dt.datetime) -> int:
-        """Hand claimed rows back, untouched otherwise (a broker outage costs no attempt)."""
+    def reschedule(self, ids: Sequence[int], *, delay: float) -> int:
+        """Hand claimed rows back, due in ``delay`` seconds, otherwise untouched (a broker outage
+        costs no attempt)."""
         if not ids:
             return 0
-        return self.filter(id__in=ids, status=Status.PENDING).update(due_at=due_at)
+        return self.filter(id__in=ids, status=Status.PENDING).update(due_at=later(delay))
 
     def record_failure(
-        self, message_id: int, *, attempts: int, error: str, due_at: dt.datetime, dead: bool
+        self, message_id: int, *, attempts: int, error: str, delay: float, dead: bool
     ) -> int:
         return self.filter(id=message_id, status=Status.PENDING).update(
             attempts=attempts,
             last_error=error[:4000],
-            due_at=due_at,
+            due_at=later(delay),
             status=Status.DEAD if dead else Status.PENDING,
         )
 
-    def retry_dead(self, now: dt.datetime) -> int:
-        """Give dead letters a fresh set of attempts, due at once."""
-        return self.filter(status=Status.DEAD).update(status=Status.PENDING, attempts=0, due_at=now)
+    def retry_dead(self) -> int:
+        """Give dead letters (those in this queryset) a fresh set of attempts, due at once."""
+        return self.filter(status=Status.DEAD).update(
+            status=Status.PENDING, attempts=0, due_at=Now()
+        )
 
-    def purge_sent(self, *, before: dt.datetime, batch_size: int) -> int:
-        """Delete rows sent before ``before`` in small batches, each its own short statement."""
-        total = 0
-        while True:
-            ids = list(
-                self.filter(sent_at__lt=before, status=Status.SENT)
-                .order_by("sent_at")
-                .values_list("id", flat=True)[:batch_size]
-            )
-            if not ids:
-                return total
-            deleted, _ = self.model.objects.using(self.db).filter(id__in=ids).delete()
-            total += deleted
+    def discard_dead(self) -> int:
+        deleted, _ = self.filter(status=Status.DEAD).delete()
+        return deleted
 
-    def summary(self, now: dt.datetime) -> dict[str, Any]:
+    def purge_sent_batch(self, *, older_than: float, batch_size: int) -> int:
+        """Delete up to ``batch_size`` rows sent more than ``older_than`` seconds ago: one short
+        statement, so a caller can interleave sending and stop between batches."""
+        ids = list(
+            self.filter(status=Status.SENT, sent_at__lt=later(-older_than))
+            .order_by("sent_at")
+            .values_list("id", flat=True)[:batch_size]
+        )
+        if not ids:
+            return 0
+        deleted, _ = self.model.objects.using(self.db).filter(id__in=ids).delete()
+        return deleted
+
+    def summary(self) -> dict[str, Any]:
         """Backlog figures that read only pending and dead rows (an index range each)."""
+        now = database_now(self.db)
         pending = self.filter(status=Status.PENDING).aggregate(
             backlog=Count("id"),
             retrying=Count("id", filter=Q(attempts__gt=0)),
             oldest=Min("created_at"),
         )
         dead = self.filter(status=Status.DEAD).count()
-        sent_last_minute = self.filter(sent_at__gte=now - dt.timedelta(minutes=1)).count()
+        sent_last_minute = self.filter(sent_at__gte=later(-60)).count()
         oldest = pending["oldest"]
         return {
             "backlog": pending["backlog"],
             "retrying": pending["retrying"],
             "dead": dead,
             "sent_last_minute": sent_last_minute,
-            "oldest_pending_age": (now - oldest).total_seconds() if oldest else None,
+            "oldest_pending_age": max((now - oldest).total_seconds(), 0.0) if oldest else None,
         }
 
 
 class _InsertStatement(NamedTuple):
     sql: str
-    fields: list[Any]
+    fields: list[Any]  # the fields whose values are parameters, in order
     returning_params: Any  # None: the backend cannot return the id, ask last_insert_id
 
 
 _insert_statements: dict[tuple[str, bool], _InsertStatement] = {}
+_DATABASE_TIME = ("created_at", "due_at")
 
 
 def _insert_statement(connection: BaseDatabaseWrapper) -> _InsertStatement:
@@ -171,13 +208,16 @@ def _insert_statement(connection: BaseDatabaseWrapper) -> _InsertStatement:
     if key not in _insert_statements:
         opts = OutboxMessage._meta
         fields = [f for f in opts.concrete_fields if not f.primary_key]
+        template = OutboxMessage(**{name: Now() for name in _DATABASE_TIME})
         query = InsertQuery(OutboxMessage)
-        query.insert_values(fields, [OutboxMessage()])
+        query.insert_values(fields, [template])
         compiler = query.get_compiler(connection=connection)
         compiler.returning_fields = [opts.pk] if returning else None
         ((sql, _),) = compiler.as_sql()
         params = getattr(compiler, "returning_params", ()) if returning else None
-        _insert_statements[key] = _InsertStatement(sql, fields, params)
+        # Now() adds no parameter: the others are the remaining fields, in order.
+        valued = [f for f in fields if f.name not in _DATABASE_TIME]
+        _insert_statements[key] = _InsertStatement(sql, valued, params)
     return _insert_statements[key]
 
 
@@ -185,18 +225,23 @@ class OutboxMessage(models.Model):
     """One task call, recorded in the transaction that made it."""
 
     id = models.BigAutoField(primary_key=True)
-    message_id = models.UUIDField(
-        unique=True, editable=False, help_text="The Celery task id of the message."
+    task_id = models.CharField(
+        max_length=255,
+        db_index=True,
+        help_text="The Celery task id. Celery may reuse one (replace(), a re-applied signature).",
     )
     task_name = models.CharField(max_length=255)
     payload = models.TextField(help_text="The task's args and kwargs, encoded by its serializer.")
     content_type = models.CharField(max_length=100)
     content_encoding = models.CharField(max_length=32)
     options = models.TextField(help_text="The call's send options (queue, countdown, ...), JSON.")
+    trace = models.TextField(
+        blank=True, default="", help_text="The caller's trace context, restored when sending."
+    )
     status = models.PositiveSmallIntegerField(choices=Status.choices, default=Status.PENDING)
-    created_at = models.DateTimeField()
+    created_at = models.DateTimeField(help_text="Recorded, by the database's clock.")
     due_at = models.DateTimeField(
-        help_text="When the relay may take this message: grace end, lease end or next retry."
+        help_text="When a sender may take this message: at once, lease end or next retry."
     )
     sent_at = models.DateTimeField(null=True, blank=True)
     attempts = models.PositiveIntegerField(default=0)
@@ -221,31 +266,39 @@ class OutboxMessage(models.Model):
         ]
 
     def __str__(self) -> str:
-        return f"{self.task_name} [{self.message_id}]"
+        return f"{self.task_name} [{self.task_id}]"
 
 
 class LeaseQuerySet(models.QuerySet["Lease"]):
-    def acquire(self, name: str, holder: str, *, until: dt.datetime, now: dt.datetime) -> bool:
-        """Take or renew the named lease; True when ``holder`` owns it until ``until``."""
+    def acquire(self, name: str, holder: str, *, seconds: float, detail: str = "") -> bool:
+        """Take or renew the named lease for ``seconds`` by the database's clock; True when
+        ``holder`` owns it."""
         taken = (
             self.filter(name=name)
-            .filter(Q(holder=holder) | Q(expires_at__lte=now))
-            .update(holder=holder, expires_at=until)
+            .filter(Q(holder=holder) | Q(expires_at__lte=Now()))
+            .update(holder=holder, expires_at=later(seconds), detail=detail)
         )
         if taken:
             return True
         try:
             with transaction.atomic(using=self.db):
-                self.create(name=name, holder=holder, expires_at=until)
+                self.create(
+                    name=name, holder=holder, expires_at=database_now(self.db), detail=detail
+                )
         except IntegrityError:  # someone else created it first: they hold it
             return False
-        return True
+        # Created expired; renew it the same way as an existing one, by the database's clock.
+        return bool(self.filter(name=name, holder=holder).update(expires_at=later(seconds)))
 
     def release(self, name: str, holder: str) -> None:
-        self.filter(name=name, holder=holder).update(expires_at=timezone.now())
+        self.filter(name=name, holder=holder).update(expires_at=Now())
 
-    def alive(self, prefix: str, now: dt.datetime) -> Iterable[Lease]:
-        return self.filter(name__startswith=prefix, expires_at__gt=now)
+    def alive(self, prefix: str) -> Iterable[Lease]:
+        return self.filter(name__startswith=prefix, expires_at__gt=Now())
+
+    def expired_before(self, seconds: float) -> int:
+        deleted, _ = self.filter(expires_at__lt=later(-seconds)).delete()
+        return deleted
 
 
 class Lease(models.Model):
@@ -254,6 +307,9 @@ class Lease(models.Model):
     name = models.CharField(max_length=200, primary_key=True)
     holder = models.CharField(max_length=200)
     expires_at = models.DateTimeField()
+    detail = models.TextField(
+        blank=True, default="", help_text="What the holder reports, e.g. a setup error."
+    )
 
     objects = LeaseQuerySet.as_manager()
 

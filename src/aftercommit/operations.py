@@ -67,7 +67,11 @@ def problems(figures: dict[str, Any]) -> list[str]:
             f"{settings.HEALTH_MAX_AGE:.0f}s"
         )
     if settings.HEALTH_REQUIRE_RELAY and not figures["relays"]:
-        found.append("no relay heartbeat seen recently: is `manage.py aftercommit relay` running?")
+        found.append(
+            "no relay heartbeat seen recently: is a Celery worker running (it relays, unless "
+            "AFTERCOMMIT['RELAY_IN_WORKER'] is False), or `manage.py aftercommit relay`?"
+        )
+    found.extend(f"relay setup error: {error}" for error in figures.get("setup_errors", ()))
     return found
 
 
@@ -97,9 +101,4 @@ def purge(databases: list[str] | None, older_than: float | None) -> dict[str, in
 
 
 def replay_dead(databases: list[str] | None) -> dict[str, int]:
-    from django.utils import timezone
-
-    return {
-        alias: OutboxMessage.objects.using(alias).retry_dead(timezone.now())
-        for alias in _aliases(databases)
-    }
+    return {alias: OutboxMessage.objects.using(alias).retry_dead() for alias in _aliases(databases)}

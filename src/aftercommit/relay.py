@@ -1,13 +1,15 @@
-"""The relay: sends what the in-process publisher did not (the process died, the broker was down).
+"""The relay: the only sender. It runs inside every Celery worker (see :mod:`aftercommit.worker`),
+or apart as ``manage.py aftercommit relay``.
 
-It claims due rows in one short transaction, publishes them outside it through the shared publisher
-path, then marks them in another. A broker outage hands the rows back untouched; a message that
-fails on its own is retried with capped exponential backoff and jitter, then dead-lettered.
+Woken by the commit (see :mod:`aftercommit.wakeup`), it claims due rows in one short transaction,
+builds their Celery messages in bulk, publishes them outside any transaction, then marks them in
+another. A broker outage hands the rows back untouched; a message that fails on its own is retried
+with capped exponential backoff and jitter, then dead-lettered. SIGTERM (or the worker's shutdown)
+stops it after the batch in hand.
 """
 
 from __future__ import annotations
 
-import datetime as dt
 import logging
 import os
 import random
@@ -16,24 +18,28 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from types import FrameType
-from typing import Any
+from typing import Any, TypeVar
 
 from celery import Celery
-from django.db import connections, router
-from django.utils import timezone
+from django.db import InterfaceError, OperationalError, connections, router
+from kombu.exceptions import ContentDisallowed
 
 from . import signals
+from .brokers import Sender
 from .conf import settings
-from .models import Lease, OutboxMessage
-from .publisher import Channel, mark_sent, send
+from .messages import Builder, Outgoing
+from .models import Lease, OutboxMessage, database_now
+from .wakeup import Waiter
 
 logger = logging.getLogger("aftercommit.relay")
 
 CLAIM_LEASE = "claim"  # the single-claimer lease on databases without SKIP LOCKED
 HEARTBEAT_PREFIX = "relay:"
 HEARTBEAT_EVERY = 5.0
+PURGE_EVERY = 300.0
+T = TypeVar("T")
 
 
 def outbox_aliases() -> list[str]:
@@ -44,10 +50,29 @@ def outbox_aliases() -> list[str]:
     return [alias for alias in connections if router.allow_migrate_model(alias, OutboxMessage)]
 
 
-def backoff(attempts: int) -> float:
-    """Seconds before attempt ``attempts + 1``: doubling from BACKOFF_BASE, capped, jittered."""
-    ceiling = min(settings.BACKOFF_MAX, settings.BACKOFF_BASE * 2 ** max(attempts - 1, 0))
+def backoff(failures: int, *, base: float, cap: float) -> float:
+    """Seconds to wait after ``failures`` failures in a row: doubling from ``base``, capped at
+    ``cap``, with full jitter over its upper half. The one formula for a message's own retries and
+    for the pause while the broker is down."""
+    ceiling = min(cap, base * 2 ** max(failures - 1, 0))
     return random.uniform(ceiling / 2, ceiling)
+
+
+def message_backoff(attempts: int) -> float:
+    return backoff(attempts, base=settings.BACKOFF_BASE, cap=settings.BACKOFF_MAX)
+
+
+def broker_backoff(failures: int) -> float:
+    return backoff(failures, base=0.5, cap=settings.BROKER_BACKOFF_MAX)
+
+
+def _setup_hint(error: BaseException) -> str:
+    text = str(error)
+    if "redis-py" in text:
+        return "install a redis-py the transport accepts (kombu 5.7: pip install 'redis>=6.1')"
+    if "No module named" in text:
+        return "install the broker's client library (e.g. pip install 'celery[redis]')"
+    return "check the Celery broker settings and the installed client libraries"
 
 
 class Relay:
@@ -62,29 +87,39 @@ class Relay:
         self.aliases = list(aliases) if aliases else outbox_aliases()
         self.batch_size = batch_size
         self.holder = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
-        self.channel = Channel(app)
+        self.sender = Sender(app)
         self.stopping = threading.Event()
+        self.waiter: Waiter | None = None
+        self.setup_error = ""
         self._broker_failures = 0
+        self._paused_until = 0.0  # the broker is down: no claims before this (monotonic)
         self._last_heartbeat: dict[str, float] = {}
         self._last_purge = 0.0
+        self._purging: list[str] = []
 
     # The loop -----------------------------------------------------------------------------
 
     def run(self, *, once: bool = False) -> None:
-        """Relay until SIGTERM/SIGINT (or, with ``once``, until nothing is due)."""
+        """Relay until stopped (SIGTERM/SIGINT in the main thread, or ``stop()``); with ``once``,
+        until nothing is due."""
         restore = self._install_signal_handlers()
+        self.waiter = waiter = Waiter(self.aliases)
         logger.info("relay %s started on %s", self.holder, ", ".join(self.aliases))
         try:
             while not self.stopping.is_set():
+                waiter.listen()
                 busy = False
-                for alias in self.aliases:
-                    if self.stopping.is_set():
-                        break
-                    busy = self._step(alias) or busy
-                if once and not busy:
+                if time.monotonic() >= self._paused_until:
+                    for alias in self.aliases:
+                        if self.stopping.is_set():
+                            break
+                        busy = self._step(alias) or busy
+                if once and not busy and time.monotonic() >= self._paused_until:
                     break
                 if not busy:
-                    self.stopping.wait(self._idle_wait())
+                    self._upkeep()
+                    if not self.stopping.is_set():
+                        waiter.wait(self._idle_wait())
         finally:
             self._shutdown()
             restore()
@@ -92,17 +127,25 @@ class Relay:
 
     def stop(self, *_: Any) -> None:
         self.stopping.set()
+        if self.waiter is not None:
+            self.waiter.wake()
 
     def _idle_wait(self) -> float:
-        if self._broker_failures:
-            return min(settings.BROKER_BACKOFF_MAX, 0.5 * 2**self._broker_failures)
-        return float(settings.POLL_INTERVAL)
+        wait = float(settings.POLL_INTERVAL)
+        if any(not self._notified(alias) for alias in self.aliases):
+            wait = min(wait, float(settings.PROBE_INTERVAL))
+        paused = self._paused_until - time.monotonic()
+        return max(wait, paused) if paused > 0 else wait
+
+    def _notified(self, alias: str) -> bool:
+        return self.waiter is not None and self.waiter.notifies(alias)
 
     def _step(self, alias: str) -> bool:
         """One batch on one database; True when it had work. Database errors never end the loop."""
         try:
             self._heartbeat(alias)
-            self._maybe_purge(alias)
+            if not self._notified(alias) and not OutboxMessage.objects.using(alias).any_due():
+                return False
             return self.run_batch(alias) > 0
         except Exception:
             logger.exception("relay batch on %r failed; reconnecting", alias)
@@ -113,70 +156,115 @@ class Relay:
     # One batch -----------------------------------------------------------------------------
 
     def run_batch(self, alias: str) -> int:
-        """Claim, publish, settle. Returns how many messages were claimed."""
-        now = timezone.now()
-        lease = dt.timedelta(seconds=settings.LEASE)
+        """Claim, build, publish, settle. Returns how many messages were claimed."""
+        lease = float(settings.LEASE)
         skip_locked = connections[alias].features.has_select_for_update_skip_locked
         if not skip_locked and not Lease.objects.using(alias).acquire(
-            CLAIM_LEASE, self.holder, until=now + lease, now=now
+            CLAIM_LEASE, self.holder, seconds=lease
         ):
             return 0
-        messages = OutboxMessage.objects.using(alias).claim(
-            limit=self.batch_size or settings.BATCH_SIZE, lease_until=now + lease, now=now
+        rows = OutboxMessage.objects.using(alias).claim(
+            limit=self.batch_size or settings.BATCH_SIZE, lease=lease
         )
-        if not messages:
+        if not rows:
             return 0
-        deadline = time.monotonic() + settings.LEASE * 0.8
-        outcome = send(self.app, messages, self.channel)
-        mark_sent(outcome.sent)
-        for message, exc in outcome.failed:
-            self._record_failure(alias, message, exc)
-        if outcome.unsent:
-            # Broker down: give the rows back as they were; an outage costs no attempt.
-            self._broker_failures += 1
-            pause = self._idle_wait()
-            OutboxMessage.objects.using(alias).reschedule(
-                [m.id for m in outcome.unsent], timezone.now() + dt.timedelta(seconds=pause)
-            )
-            error = f"broker unreachable: {outcome.broker_error}"
-            for message in outcome.unsent:
-                signals.send(
-                    signals.retried,
-                    message=message,
-                    using=alias,
-                    error=error,
-                    attempts=message.attempts,
-                )
-            logger.warning(
-                "broker unreachable (%s); %d message(s) wait, next try in %.1fs",
-                outcome.broker_error,
-                len(outcome.unsent),
-                pause,
-            )
+        deadline = time.monotonic() + lease * 0.8
+        builder = Builder(self.app)
+        items: list[Outgoing] = []
+        failed: list[tuple[OutboxMessage, BaseException]] = []
+        for row in rows:
+            try:
+                items.append(builder.build(row))
+            except Exception as exc:  # this row cannot become a message: its own failure
+                failed.append((row, exc))
+        outcome = self.sender.send(items)
+        sent = [item.row for item in outcome.sent]
+        outbox = OutboxMessage.objects.using(alias)
+        self._settle(alias, lambda: outbox.mark_sent([r.id for r in sent]))
+        self._signal_sent(alias, sent)
+        failed += [(item.row, error) for item, error in outcome.failed]
+        for row, error in failed:
+            self._record_failure(alias, row, error)
+        unsent = [item.row for item in outcome.unsent]
+        if unsent:
+            self._hand_back(alias, unsent, outcome.setup_error or outcome.broker_error)
+            if outcome.setup_error is not None:
+                self._report_setup_error(outcome.setup_error)
         else:
             self._broker_failures = 0
+            self._paused_until = 0.0
+            if self.setup_error:
+                logger.warning("relay %s: the broker setup works again", self.holder)
+                self.setup_error = ""
+                self._last_heartbeat.clear()  # report it at once
         if time.monotonic() > deadline:
             logger.warning(
                 "a batch of %d took longer than 80%% of the %ss lease; lower "
                 "AFTERCOMMIT['BATCH_SIZE'] or raise AFTERCOMMIT['LEASE']",
-                len(messages),
+                len(rows),
                 settings.LEASE,
             )
-        return len(messages)
+        return len(rows)
+
+    def _settle(self, alias: str, write: Callable[[], T]) -> T:
+        """A write after a publish, tried again once on a fresh connection: a connection the
+        server dropped while the batch was out must not turn into a duplicate send."""
+        try:
+            return write()
+        except (OperationalError, InterfaceError):
+            logger.warning("database connection to %r lost after a publish; reconnecting", alias)
+            connections[alias].close()
+            return write()
+
+    def _hand_back(
+        self, alias: str, rows: list[OutboxMessage], error: BaseException | None
+    ) -> None:
+        """Broker down, refusing, or set up wrong: the rows wait as they were, no attempt used."""
+        self._broker_failures += 1
+        pause = broker_backoff(self._broker_failures)
+        self._paused_until = time.monotonic() + pause
+        self._settle(
+            alias,
+            lambda: OutboxMessage.objects.using(alias).reschedule(
+                [r.id for r in rows], delay=pause
+            ),
+        )
+        text = f"broker unreachable: {error}"
+        for row in rows:
+            signals.send(
+                signals.retried, message=row, using=alias, error=text, attempts=row.attempts
+            )
+        logger.warning(
+            "broker not taking messages (%s); %d message(s) wait, next try in %.1fs",
+            error,
+            len(rows),
+            pause,
+        )
+
+    def _report_setup_error(self, error: BaseException) -> None:
+        text = (
+            f"the broker cannot be used as configured: {error}. This is a setup problem, not an "
+            f"outage: {_setup_hint(error)}. Messages wait; no attempts are used."
+        )
+        if text != self.setup_error:
+            logger.error("relay %s: %s", self.holder, text)
+            self.setup_error = text
+            self._last_heartbeat.clear()  # report it in the heartbeat at once
 
     def _record_failure(self, alias: str, message: OutboxMessage, exc: BaseException) -> None:
         attempts = message.attempts + 1
-        dead = attempts >= settings.MAX_ATTEMPTS
+        # A row that is not allowed to be decoded will never be: no point trying it again.
+        dead = attempts >= settings.MAX_ATTEMPTS or isinstance(exc, ContentDisallowed)
         error = f"{type(exc).__name__}: {exc}"
-        OutboxMessage.objects.using(alias).record_failure(
-            message.id,
-            attempts=attempts,
-            error=error,
-            due_at=timezone.now() + dt.timedelta(seconds=backoff(attempts)),
-            dead=dead,
-        )
+        self._settle(
+            alias,
+            lambda: OutboxMessage.objects.using(alias).record_failure(
+                message.id, attempts=attempts, error=error, delay=message_backoff(attempts),
+                dead=dead,
+            ),
+        )  # fmt: skip
         if dead:
-            logger.error("%s is a dead letter after %d attempts: %s", message, attempts, error)
+            logger.error("%s is a dead letter after %d attempt(s): %s", message, attempts, error)
         else:
             logger.warning("%s failed (attempt %d): %s", message, attempts, error)
         signals.send(
@@ -187,30 +275,48 @@ class Relay:
             attempts=attempts,
         )
 
+    def _signal_sent(self, alias: str, rows: list[OutboxMessage]) -> None:
+        if not rows or not signals.sent.has_listeners():
+            return
+        for row in rows:
+            claimed = getattr(row, "claimed_at", None)
+            latency = (claimed - row.created_at).total_seconds() if claimed else 0.0
+            signals.send(signals.sent, message=row, using=alias, latency=max(latency, 0.0))
+
     # Upkeep ----------------------------------------------------------------------------------
 
     def _heartbeat(self, alias: str) -> None:
         last = self._last_heartbeat.get(alias, 0.0)
         if time.monotonic() - last < HEARTBEAT_EVERY:
             return
-        now = timezone.now()
-        ttl = dt.timedelta(seconds=max(30.0, 3 * HEARTBEAT_EVERY, 3 * settings.POLL_INTERVAL))
+        ttl = max(30.0, 3 * HEARTBEAT_EVERY, 3 * settings.POLL_INTERVAL)
         Lease.objects.using(alias).acquire(
-            HEARTBEAT_PREFIX + self.holder, self.holder, until=now + ttl, now=now
+            HEARTBEAT_PREFIX + self.holder, self.holder, seconds=ttl, detail=self.setup_error
         )
         self._last_heartbeat[alias] = time.monotonic()
 
-    def _maybe_purge(self, alias: str) -> None:
-        if time.monotonic() - self._last_purge < 300 or alias != self.aliases[-1]:
+    def _upkeep(self) -> None:
+        """Between batches, when idle: one bounded purge step at a time, so purging never delays
+        a send by more than one short DELETE, and a stop is honoured between steps."""
+        if not self._purging and time.monotonic() - self._last_purge >= PURGE_EVERY:
+            self._last_purge = time.monotonic()
+            self._purging = list(self.aliases)
+        if not self._purging:
             return
-        self._last_purge = time.monotonic()
-        for each in self.aliases:
-            purge(each)
-            Lease.objects.using(each).filter(
-                expires_at__lt=timezone.now() - dt.timedelta(days=1)
-            ).delete()
+        alias = self._purging[0]
+        try:
+            deleted = OutboxMessage.objects.using(alias).purge_sent_batch(
+                older_than=settings.RETENTION, batch_size=settings.PURGE_BATCH_SIZE
+            )
+            if deleted < settings.PURGE_BATCH_SIZE:
+                self._purging.pop(0)
+                Lease.objects.using(alias).expired_before(24 * 3600)
+        except Exception:
+            logger.exception("purging %r failed; trying again later", alias)
+            connections[alias].close()
+            self._purging.pop(0)
 
-    def _install_signal_handlers(self) -> Any:
+    def _install_signal_handlers(self) -> Callable[[], None]:
         if threading.current_thread() is not threading.main_thread():
             return lambda: None
         previous = {
@@ -229,31 +335,43 @@ class Relay:
 
     def close(self) -> None:
         """Close the broker connection; the relay can still run again later."""
-        self.channel.reset()
+        self.sender.reset()
 
     def _shutdown(self) -> None:
         self.close()
+        if self.waiter is not None:
+            self.waiter.close()
+            self.waiter = None
         for alias in self.aliases:
             try:
                 Lease.objects.using(alias).release(CLAIM_LEASE, self.holder)
                 Lease.objects.using(alias).filter(name=HEARTBEAT_PREFIX + self.holder).delete()
             except Exception:
                 logger.debug("could not release leases on %r", alias, exc_info=True)
+            connections[alias].close()
 
 
-def purge(alias: str, *, older_than: float | None = None) -> int:
-    """Delete sent messages older than the retention window; dead letters stay."""
+def purge(
+    alias: str, *, older_than: float | None = None, stop: threading.Event | None = None
+) -> int:
+    """Delete sent messages older than the retention window, a batch at a time; dead letters
+    stay."""
     seconds = settings.RETENTION if older_than is None else older_than
-    before = timezone.now() - dt.timedelta(seconds=seconds)
-    return OutboxMessage.objects.using(alias).purge_sent(
-        before=before, batch_size=settings.PURGE_BATCH_SIZE
-    )
+    total = 0
+    while stop is None or not stop.is_set():
+        deleted = OutboxMessage.objects.using(alias).purge_sent_batch(
+            older_than=seconds, batch_size=settings.PURGE_BATCH_SIZE
+        )
+        total += deleted
+        if deleted < settings.PURGE_BATCH_SIZE:
+            break
+    return total
 
 
 def status(alias: str) -> dict[str, Any]:
-    now = timezone.now()
-    summary: dict[str, Any] = OutboxMessage.objects.using(alias).summary(now)
-    summary["relays"] = sorted(
-        lease.holder for lease in Lease.objects.using(alias).alive(HEARTBEAT_PREFIX, now)
-    )
+    summary: dict[str, Any] = OutboxMessage.objects.using(alias).summary()
+    alive = list(Lease.objects.using(alias).alive(HEARTBEAT_PREFIX))
+    summary["relays"] = sorted(lease.holder for lease in alive)
+    summary["setup_errors"] = sorted({lease.detail for lease in alive if lease.detail})
+    summary["database_time"] = database_now(alias).isoformat()
     return summary

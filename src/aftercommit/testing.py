@@ -52,12 +52,13 @@ class Captured:
     def calls(self, task: Any = None) -> list[tuple[str, list[Any], dict[str, Any]]]:
         """(task name, args, kwargs) of each message, in order; only ``task``'s when given."""
         from .dispatch import decode_arguments
+        from .operations import celery_app
 
         name = None if task is None else _task_name(task)
         found = []
         for message in self.messages:
             if name is None or message.task_name == name:
-                args, kwargs = decode_arguments(message)
+                args, kwargs = decode_arguments(message, celery_app())
                 found.append((message.task_name, list(args), dict(kwargs)))
         return found
 
@@ -114,8 +115,8 @@ def commit(using: str = "default") -> AbstractContextManager[list[Any]]:
     """Run, when the block ends, the on-commit hooks it registered on ``using``, as a commit would.
 
     Built on Django's ``TestCase.captureOnCommitCallbacks(execute=True)``, so it works where
-    ``on_commit`` never fires by itself (inside ``TestCase``). The hooks hand the messages to the
-    publisher, which sends them to the broker; use :func:`drain` to run them in this process.
+    ``on_commit`` never fires by itself (inside ``TestCase``). Committed messages are the relay's
+    to send (a worker's, if one runs); use :func:`drain` to run them in this process instead.
     """
     from django.test import TestCase
 
@@ -133,7 +134,6 @@ def drain(using: str | None = None) -> list[Any]:
     from .dispatch import decode_arguments, decode_options
     from .models import OutboxMessage, Status
     from .operations import celery_app
-    from .publisher import mark_sent
     from .relay import outbox_aliases
 
     app = celery_app()
@@ -143,18 +143,13 @@ def drain(using: str | None = None) -> list[Any]:
             OutboxMessage.objects.using(alias).filter(status=Status.PENDING).order_by("id")
         )
         for message in pending:
-            args, kwargs = decode_arguments(message)
+            args, kwargs = decode_arguments(message, app)
             options = decode_options(message)
             task = app.tasks[message.task_name]
             results.append(
-                task.apply(
-                    args,
-                    kwargs,
-                    task_id=str(message.message_id),
-                    headers=options.get("headers"),
-                )
+                task.apply(args, kwargs, task_id=message.task_id, headers=options.get("headers"))
             )
-            mark_sent([message])
+            OutboxMessage.objects.using(alias).mark_sent([message.id])
     return results
 
 
