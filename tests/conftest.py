@@ -252,11 +252,18 @@ class Process:
         return code
 
 
-@pytest.fixture(scope="session")
-def worker(broker: Broker, django_db_setup: None, django_db_blocker) -> Iterator[Process]:  # type: ignore[no-untyped-def]
+@pytest.fixture(scope="module")
+def worker(  # type: ignore[no-untyped-def]
+    request: pytest.FixtureRequest, broker: Broker, django_db_setup: None, django_db_blocker
+) -> Iterator[Process]:
+    """A Celery worker for the module's tests. It relays (the default deployment) unless the
+    module sets ``WORKER_RELAYS = False`` to drive relays itself."""
     # The worker's own relay publishes through the broker the web process sees (the proxy the
     # outage tests cut); its consumer reads from the real one.
     env = {**_subprocess_env(broker), **broker.env}
+    overrides = json.loads(env.get("AFTERCOMMIT_TEST_SETTINGS", "{}"))
+    overrides["RELAY_IN_WORKER"] = getattr(request.module, "WORKER_RELAYS", True)
+    env["AFTERCOMMIT_TEST_SETTINGS"] = json.dumps(overrides)
     proc = Process(
         "worker",
         [

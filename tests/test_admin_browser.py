@@ -52,7 +52,7 @@ def browser():  # type: ignore[no-untyped-def]
 def add(status: int, **fields) -> None:  # type: ignore[no-untyped-def]
     now = timezone.now()
     OutboxMessage.objects.create(
-        message_id=uuid.uuid4(),
+        task_id=str(uuid.uuid4()),
         task_name="tests.testapp.tasks.read_item",
         payload=json.dumps([["x"], {}]),
         content_type="application/json",

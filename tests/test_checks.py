@@ -111,7 +111,7 @@ def test_two_relays_without_skip_locked__fires(monkeypatch: pytest.MonkeyPatch) 
 def test_messages_waiting_and_no_relay__fires_quiet_once_a_relay_is_seen() -> None:
     old = timezone.now() - dt.timedelta(minutes=10)
     OutboxMessage.objects.create(
-        message_id=uuid.uuid4(),
+        task_id=str(uuid.uuid4()),
         task_name="tests.testapp.tasks.read_item",
         payload="[[], {}]",
         content_type="application/json",

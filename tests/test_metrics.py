@@ -11,8 +11,7 @@ from django.utils import timezone
 from prometheus_client import CollectorRegistry
 
 from aftercommit import metrics, signals
-from aftercommit.models import OutboxMessage
-from aftercommit.publisher import mark_sent
+from aftercommit.models import OutboxMessage, later
 from aftercommit.relay import Relay
 from tests.celery_app import app
 from tests.testapp.tasks import read_item
@@ -36,14 +35,15 @@ def heard():  # type: ignore[no-untyped-def]
         getattr(signals, name).disconnect(receiver)
 
 
-def test_recorded_and_sent__with_commit_to_send_latency(heard, settings) -> None:  # type: ignore[no-untyped-def]
-    settings.AFTERCOMMIT = {"PUBLISHER": False}
+@pytest.mark.usefixtures("broker")
+def test_recorded_and_sent__with_commit_to_send_latency(heard, request) -> None:  # type: ignore[no-untyped-def]
     with transaction.atomic():
         read_item.delay("metrics")
     assert [name for name, _ in heard] == ["recorded"]
-    message = OutboxMessage.objects.get()
-    message.committed_at = time.time() - 0.25  # type: ignore[attr-defined]
-    mark_sent([message])
+    OutboxMessage.objects.update(created_at=later(-0.25))  # recorded a quarter second ago
+    relay = Relay(app, aliases=["default"])
+    request.addfinalizer(relay.close)
+    assert relay.run_batch("default") == 1
     name, kwargs = heard[-1]
     assert name == "sent" and kwargs["using"] == "default"
     assert 0.25 <= kwargs["latency"] < 5
@@ -56,7 +56,7 @@ def test_retried_then_dead__and_prometheus_counts(heard, settings, request) -> N
     settings.AFTERCOMMIT = {"MAX_ATTEMPTS": 2, "BACKOFF_BASE": 0.01, "BACKOFF_MAX": 0.01}
     now = timezone.now()
     OutboxMessage.objects.create(
-        message_id=uuid.uuid4(), task_name=read_item.name, payload="{not json",
+        task_id=str(uuid.uuid4()), task_name=read_item.name, payload="{not json",
         content_type="application/json", content_encoding="utf-8", options="{}",
         created_at=now, due_at=now,
     )  # fmt: skip

@@ -23,7 +23,7 @@ CHANGELIST = "/admin/aftercommit/outboxmessage/"
 def message(status: int = Status.PENDING, **fields) -> OutboxMessage:  # type: ignore[no-untyped-def]
     now = timezone.now()
     return OutboxMessage.objects.create(
-        message_id=uuid.uuid4(),
+        task_id=str(uuid.uuid4()),
         task_name="tests.testapp.tasks.read_item",
         payload=json.dumps([["secret-argument"], {}]),
         content_type="application/json",
@@ -65,10 +65,10 @@ def test_admin__summary_filters_and_search(admin_client) -> None:  # type: ignor
     assert "sent in the last minute" in page
 
     dead_page = admin_client.get(CHANGELIST, {"state": "dead"}).content.decode()
-    assert str(dead.message_id) in dead_page and "DecodeError: boom" in dead_page
+    assert str(dead.task_id) in dead_page and "DecodeError: boom" in dead_page
     retrying = admin_client.get(CHANGELIST, {"state": "retrying"})
     assert retrying.context["cl"].result_count == 1
-    found = admin_client.get(CHANGELIST, {"q": str(dead.message_id)})
+    found = admin_client.get(CHANGELIST, {"q": str(dead.task_id)})
     assert found.context["cl"].result_count == 1
     by_task = admin_client.get(CHANGELIST, {"task": "tests.testapp.tasks.read_item"})
     assert by_task.context["cl"].result_count == 4
@@ -164,7 +164,7 @@ def test_admin__large_outbox_lists_without_counting_every_row(admin_client) -> N
     OutboxMessage.objects.bulk_create(
         [
             OutboxMessage(
-                message_id=uuid.uuid4(), task_name="t", payload="[[], {}]",
+                task_id=str(uuid.uuid4()), task_name="t", payload="[[], {}]",
                 content_type="application/json", content_encoding="utf-8", options="{}",
                 created_at=now, due_at=now, status=Status.SENT, sent_at=now,
             )

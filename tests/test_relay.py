@@ -1,4 +1,5 @@
-"""The relay: what the publisher could not send (process died, broker down) still goes out."""
+"""The relay, run apart (``manage.py aftercommit relay``) or driven batch by batch: everything
+committed goes out once, whatever happened to the process that recorded it or to the broker."""
 
 from __future__ import annotations
 
@@ -16,8 +17,7 @@ from django.db import transaction
 from django.utils import timezone
 
 from aftercommit.models import Lease, OutboxMessage, Status
-from aftercommit.publisher import publisher
-from aftercommit.relay import Relay, backoff
+from aftercommit.relay import Relay, backoff, message_backoff
 from tests.celery_app import app
 from tests.conftest import wait_for
 from tests.testapp.models import Item, TaskRun
@@ -30,18 +30,15 @@ pytestmark = [
 ]
 
 
-@pytest.fixture
-def no_publisher(settings):  # type: ignore[no-untyped-def]
-    """As if the process died right after each commit: only the relay can send."""
-    settings.AFTERCOMMIT = {**settings.AFTERCOMMIT, "PUBLISHER": False}
+# This module's worker only runs tasks: the relays under test are the only senders.
+WORKER_RELAYS = False
 
 
 def delivered(token: str) -> Counter[str]:
     return Counter(TaskRun.objects.filter(token=token).values_list("task_id", flat=True))
 
 
-@pytest.mark.usefixtures("no_publisher")
-def test_process_died_before_publishing__relay_delivers_each_once(token, start_relay) -> None:  # type: ignore[no-untyped-def]
+def test_committed_with_no_sender_running__relay_delivers_each_once(token, start_relay) -> None:  # type: ignore[no-untyped-def]
     with transaction.atomic():
         ids = {read_item.delay(token, None, i).id for i in range(50)}
     with transaction.atomic(using="other"):
@@ -71,11 +68,10 @@ def test_broker_down__callers_unharmed_rows_wait_relay_delivers(
             except Exception as exc:  # counted, then asserted: none may reach the caller
                 caller_errors.append(exc)
         assert caller_errors == []
-        publisher.flush(10)
         assert Item.objects.get(pk=item.pk).version == 30
         assert OutboxMessage.objects.pending().count() == 30
         relay = start_relay()
-        time.sleep(4)  # past the grace period: the relay is trying, and failing
+        time.sleep(3)  # the relay is trying, and failing
         assert delivered(token) == Counter()
         assert OutboxMessage.objects.pending().count() == 30
     finally:
@@ -98,7 +94,6 @@ def test_broker_down__callers_unharmed_rows_wait_relay_delivers(
     assert "broker unreachable" in relay.output()
 
 
-@pytest.mark.usefixtures("no_publisher")
 def test_several_relays__never_send_a_message_twice(token, start_relay) -> None:  # type: ignore[no-untyped-def]
     with transaction.atomic():
         ids = {read_item.delay(token, None, i).id for i in range(600)}
@@ -111,7 +106,6 @@ def test_several_relays__never_send_a_message_twice(token, start_relay) -> None:
     assert [k for k, v in counts.items() if v > 1] == []
 
 
-@pytest.mark.usefixtures("no_publisher")
 def test_broker_refuses_a_batch__refused_rows_wait_then_go_once(token, settings, caplog) -> None:  # type: ignore[no-untyped-def]
     """A batch's publishes go out together and the broker's confirms are awaited once: what the
     broker refuses (RabbitMQ nacks publishes to a full queue) waits, like an outage: no attempt
@@ -139,7 +133,7 @@ def test_broker_refuses_a_batch__refused_rows_wait_then_go_once(token, settings,
         }
         make_due()
         assert relay.run_batch("default") == 3
-        rows = list(OutboxMessage.objects.filter(message_id__in=ids))
+        rows = list(OutboxMessage.objects.filter(task_id__in=ids))
         assert {(r.status, r.attempts) for r in rows} == {(Status.PENDING, 0)}
         assert all(r.due_at > timezone.now() for r in rows)  # handed back for later
         assert "broker unreachable" in caplog.text and "refused" in caplog.text
@@ -173,7 +167,7 @@ def test_sigterm__relay_stops_cleanly(start_relay) -> None:  # type: ignore[no-u
 def _raw_message(payload: str = '[["x"], {}]', **fields) -> OutboxMessage:  # type: ignore[no-untyped-def]
     now = timezone.now()
     return OutboxMessage.objects.create(
-        message_id=uuid.uuid4(),
+        task_id=str(uuid.uuid4()),
         task_name=read_item.name,
         payload=payload,
         content_type="application/json",
@@ -202,7 +196,7 @@ def test_poison_message__backs_off_then_dead_letter_without_blocking_others(  # 
     assert poison.due_at > before  # pushed back by the backoff
     assert "JSONDecodeError" in poison.last_error or "DecodeError" in poison.last_error
     for _ in range(2):
-        wait_for(lambda: OutboxMessage.objects.due(timezone.now()).exists(), timeout=5)
+        wait_for(lambda: OutboxMessage.objects.due().exists(), timeout=5)
         relay.run_batch("default")
     poison.refresh_from_db()
     assert (poison.status, poison.attempts) == (Status.DEAD, 3)
@@ -219,10 +213,11 @@ def test_poison_message__backs_off_then_dead_letter_without_blocking_others(  # 
 
 def test_backoff__doubles_capped_and_jittered(settings) -> None:  # type: ignore[no-untyped-def]
     settings.AFTERCOMMIT = {"BACKOFF_BASE": 1.0, "BACKOFF_MAX": 10.0}
-    assert 0.5 <= backoff(1) <= 1.0
-    assert 2.0 <= backoff(3) <= 4.0
-    assert all(5.0 <= backoff(20) <= 10.0 for _ in range(50))
-    assert len({backoff(3) for _ in range(20)}) > 1
+    assert 0.5 <= message_backoff(1) <= 1.0
+    assert 2.0 <= message_backoff(3) <= 4.0
+    assert all(5.0 <= message_backoff(20) <= 10.0 for _ in range(50))
+    assert len({message_backoff(3) for _ in range(20)}) > 1
+    assert 0.25 <= backoff(1, base=0.5, cap=30) <= 0.5  # the broker's pause: the same formula
 
 
 def test_status_and_purge(token) -> None:  # type: ignore[no-untyped-def]

@@ -235,7 +235,7 @@ class Relay:
                 signals.retried, message=row, using=alias, error=text, attempts=row.attempts
             )
         logger.warning(
-            "broker not taking messages (%s); %d message(s) wait, next try in %.1fs",
+            "broker unreachable or refusing messages (%s); %d message(s) wait, next try in %.1fs",
             error,
             len(rows),
             pause,
