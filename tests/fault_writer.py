@@ -1,6 +1,6 @@
 """A web process for the fault suite: dispatches in transactions, and with --die, is SIGKILLed
-right after each commit and before its publisher can send (a hook registered before the dispatch
-runs first after the commit)."""
+right after each commit (a hook registered before the dispatch runs first after the commit): what
+it committed is in the outbox, and the relay sends it."""
 
 from __future__ import annotations
 
@@ -35,18 +35,18 @@ def main() -> None:
     from tests.testapp.tasks import read_item
 
     if args.fork:
-        # The publisher thread is running when the fork happens, like a gunicorn worker forked
-        # from a master that already sent something. Both sides must send through their own.
+        # Like a gunicorn worker forked from a master that already dispatched: both sides
+        # record through their own connection.
         emit(read_item.delay(args.token, None, 0).id)
         # As gunicorn and Celery's prefork pool do: a database connection must not be shared
-        # across fork (the publisher thread's own connection stays with the parent's thread).
+        # across fork.
         connections.close_all()
         child = os.fork()
         side = 1 if child == 0 else 2
         with transaction.atomic():
             emit(read_item.delay(args.token, None, side).id)
         if child == 0:
-            sys.exit(0)  # atexit runs in the child too: its publisher flushes
+            sys.exit(0)
         _, status = os.waitpid(child, 0)
         sys.exit(os.waitstatus_to_exitcode(status))
 

@@ -37,6 +37,9 @@ pytestmark = [
     pytest.mark.usefixtures("worker"),
 ]
 
+# The module's worker only runs tasks: the relays each scenario starts (and kills) are the senders.
+WORKER_RELAYS = False
+
 LONG = os.environ.get("AFTERCOMMIT_FAULTS") == "long"
 SIZE = {
     "web_kills": 20 if LONG else 4,
@@ -85,7 +88,7 @@ def wait_delivered(token: str, ids: set[str], timeout: float) -> float:
     """Seconds until every message was sent (marked so in the outbox), then waits until the worker
     ran them all, for the lost/duplicated counts. The worker's own speed is not ours to report."""
     started = time.monotonic()
-    pending = OutboxMessage.objects.filter(message_id__in=ids, status=Status.PENDING)
+    pending = OutboxMessage.objects.filter(task_id__in=ids, status=Status.PENDING)
     wait_for(lambda: not pending.exists(), timeout=timeout, interval=0.1)
     sent = time.monotonic() - started
     wait_for(lambda: set(delivered(token)) >= ids, timeout=timeout, interval=0.2)
@@ -114,7 +117,6 @@ def writer_argv(token: str, *args: str) -> list[str]:
     return [sys.executable, "-m", "tests.fault_writer", "--token", token, *args]
 
 
-NO_PUBLISHER = json.dumps({"PUBLISHER": False})
 SHORT_LEASE = json.dumps({"LEASE": 2})
 
 
@@ -178,7 +180,6 @@ def test_broker_down_during_saves__nothing_lost_no_attempts_used(token, broker, 
 
 
 def test_relay_killed_mid_batch__nothing_lost_duplicates_counted(token, settings, spawn) -> None:  # type: ignore[no-untyped-def]
-    settings.AFTERCOMMIT = {**settings.AFTERCOMMIT, "PUBLISHER": False}
     with transaction.atomic():
         ids = {read_item.delay(token, None, i).id for i in range(SIZE["relay_backlog"])}
     started = time.monotonic()
@@ -209,7 +210,6 @@ def test_many_relays_and_writers__nothing_lost_nothing_twice(token, spawn) -> No
         spawn(
             f"writer-{n}",
             writer_argv(token, "--count", str(SIZE["per_writer"])),
-            AFTERCOMMIT_TEST_SETTINGS=NO_PUBLISHER,
         )
         for n in range(SIZE["writers"])
     ]
@@ -255,7 +255,7 @@ def test_worker_killed_mid_task_with_acks_late__task_runs_again(token, broker, s
 def test_poison_message__dead_letter_never_blocks_the_rest(token, spawn) -> None:  # type: ignore[no-untyped-def]
     now = timezone.now()
     poison = OutboxMessage.objects.create(
-        message_id=uuid.uuid4(),
+        task_id=str(uuid.uuid4()),
         task_name=read_item.name,
         payload="{not json",
         content_type="application/json",
@@ -278,7 +278,6 @@ def test_poison_message__dead_letter_never_blocks_the_rest(token, spawn) -> None
 def test_database_connection_cut_and_database_unavailable__relay_recovers(
     token, settings, spawn
 ) -> None:  # type: ignore[no-untyped-def]
-    settings.AFTERCOMMIT = {**settings.AFTERCOMMIT, "PUBLISHER": False}
     with transaction.atomic():
         ids = {read_item.delay(token, None, i).id for i in range(SIZE["relay_backlog"])}
     relay = spawn(

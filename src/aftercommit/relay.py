@@ -119,11 +119,18 @@ class Relay:
                 if not busy:
                     self._upkeep()
                     if not self.stopping.is_set():
-                        waiter.wait(self._idle_wait())
+                        self._wait(waiter)
         finally:
             self._shutdown()
             restore()
             logger.info("relay %s stopped", self.holder)
+
+    def _wait(self, waiter: Waiter) -> None:
+        try:
+            waiter.wait(self._idle_wait())
+        except Exception:  # never the end of the relay: look again after a pause
+            logger.exception("relay %s: waiting for work failed", self.holder)
+            self.stopping.wait(min(settings.POLL_INTERVAL, 1.0))
 
     def stop(self, *_: Any) -> None:
         self.stopping.set()

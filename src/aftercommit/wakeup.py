@@ -128,7 +128,15 @@ class Waiter:
         if any(listener.take_pending() for listener in self.listeners):
             return
         sockets: list[Any] = [self._read]
-        sockets += [listener for listener in self.listeners if listener.raw is not None]
+        for listener in self.listeners:
+            if listener.raw is None:
+                continue
+            try:
+                listener.fileno()
+            except Exception:  # the server dropped the connection: claim (and reconnect) now
+                self._lost(listener)
+                return
+            sockets.append(listener)
         try:
             ready, _, _ = select.select(sockets, [], [], max(timeout, 0.0))
         except (OSError, ValueError):  # a connection closed under us: look again at once
@@ -144,8 +152,13 @@ class Waiter:
                 try:
                     item.consume()
                 except Exception:  # the server went away; the next claim reconnects
-                    connections[item.alias].close()
-                    item.raw = None
+                    self._lost(item)
+
+    @staticmethod
+    def _lost(listener: _Listener) -> None:
+        listener.raw = None
+        with contextlib.suppress(Exception):
+            connections[listener.alias].close()
 
     def close(self) -> None:
         with _local_lock:
