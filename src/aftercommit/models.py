@@ -116,7 +116,7 @@ class OutboxMessageQuerySet(models.QuerySet["OutboxMessage"]):
                 self.model.objects.using(alias).filter(pk=-1).update(due_at=Now())
             qs = self.due().annotate(claimed_at=ExpressionWrapper(Now(), models.DateTimeField()))
             if skip_locked:
-                qs = qs.select_for_update(skip_locked=True, of=("self",))
+                qs = qs.select_for_update(skip_locked=True)
             rows: list[OutboxMessage] = list(qs[:limit])
             if rows:
                 self.model.objects.using(alias).filter(id__in=[r.id for r in rows]).update(
