@@ -273,9 +273,12 @@ class Sentry:
             # started inside a request inherits that request's) and take the captured one.
             # An empty carrier starts a new trace.
             current = sentry_sdk.get_current_scope()
-            for scope in (isolation, current):
-                scope.span = None
-                scope.generate_propagation_context(carrier)
+            current.span = isolation.span = None
+            isolation.generate_propagation_context(carrier)
+            if current.get_active_propagation_context() is not (
+                isolation.get_active_propagation_context()
+            ):  # rare, and it would win: parsing the carrier again costs half a restore
+                current.generate_propagation_context(carrier)
             headers = carrier if carrier and _sentry_propagates(client) else None
             token = _sentry_headers.set(headers)
             try:
