@@ -228,6 +228,17 @@ def test_publish_in_another_thread_inside_restore__message_and_span_in_the_reque
         assert f"sentry-trace_id={request['sentry_trace_id']}" in headers["headers"]["baggage"]
         if via == "send_task_message":  # from the captured context: the dispatching span
             assert sentry_trace.split("-")[1] == request["sentry_span_id"]
+    # Dispatched outside any request, sent right after request 2's message by the same thread.
+    outside = result["outside"]
+    headers = messages[outside["task_id"]]
+    span = producer_spans[outside["task_id"]]
+    assert "otel" not in json.loads(outside["captured"])
+    assert span["parent_span_id"] is None
+    request_traces = {r["otel_trace_id"] for r in requests} | {
+        r["sentry_trace_id"] for r in requests
+    }
+    assert span["trace_id"] not in request_traces
+    assert headers["headers"]["sentry-trace"].split("-")[0] not in request_traces
 
 
 @pytest.mark.services

@@ -185,10 +185,15 @@ def send(queue_name: str, via: str, restored: bool, requests: int) -> dict[str, 
         # Sent after the request: after its commit.
         outbox.put((task_id, label, captured))
         outbox.join()
+    # And one dispatched outside any request (a management command, say), sent next by the same
+    # thread: it must not land in the trace of the message sent before it.
+    outside = {"label": "outside", "task_id": str(uuid.uuid4()), "captured": tracing.capture()}
+    outbox.put((outside["task_id"], outside["label"], outside["captured"]))
+    outbox.join()
     outbox.put(None)
     if errors:
         raise errors[0]
-    return {"requests": seen}
+    return {"requests": seen, "outside": outside}
 
 
 def read_back(queue_name: str, count: int) -> dict[str, Any]:
@@ -217,7 +222,7 @@ def main(argv: list[str] | None = None) -> None:
     set_up_tracers("sender")
     result = send(args.queue, args.via, not args.bare, args.requests)
     if args.read_back:
-        result["messages"] = read_back(args.queue, args.requests)
+        result["messages"] = read_back(args.queue, args.requests + 1)
     (OUT / "sender-result.json").write_text(json.dumps(result, default=str))
 
 

@@ -82,18 +82,21 @@ class Tracer(Protocol):
         """Make ``carrier`` the current context while the block runs (``{}``: a clean one)."""
 
 
-_tracers: list[Tracer] = []
+# Replaced, never changed in place: capture() and restore() iterate it in other threads.
+_tracers: tuple[Tracer, ...] = ()
 _reported: set[tuple[str, str]] = set()
 
 
 def register(tracer: Tracer) -> None:
     """Add ``tracer``, or replace the one registered under the same name."""
-    _tracers[:] = [t for t in _tracers if t.name != tracer.name] + [tracer]
+    global _tracers
+    _tracers = (*(t for t in _tracers if t.name != tracer.name), tracer)
 
 
 def unregister(name: str) -> None:
     """Remove the tracer registered as ``name``, if any."""
-    _tracers[:] = [t for t in _tracers if t.name != name]
+    global _tracers
+    _tracers = tuple(t for t in _tracers if t.name != name)
 
 
 def capture() -> str:
