@@ -276,6 +276,9 @@ def tracing_worker(
     out = ARTIFACTS / "tracing" / f"worker-{queue}"
     out.mkdir(parents=True, exist_ok=True)
     env = dict(_subprocess_env(broker), TRACING_ROLE="worker", TRACING_OUT=str(out))
+    # Warnings are errors, as under the suite's filterwarnings = error, so an SDK deprecation
+    # shows here; except Celery's about running as root, which CI containers do.
+    env["PYTHONWARNINGS"] = "error,default:You're running the worker with superuser privileges"
     argv = [sys.executable, "-m", "celery", "-A", "tests.tracing_app", "worker", "-P", "threads"]
     argv += ["-c", "2", "-Q", queue, "-l", "info", "--without-heartbeat", "--without-gossip"]
     argv += ["--without-mingle", "-n", f"tracing-{os.getpid()}@%h"]
