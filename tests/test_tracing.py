@@ -189,6 +189,12 @@ def _records(out: Path, pattern: str) -> list[dict[str, Any]]:
     return records
 
 
+def _message_id(span: dict[str, Any]) -> str | None:
+    attributes = span["attributes"]
+    # the attribute's name before OpenTelemetry's semantic conventions 1.21
+    return attributes.get("messaging.message.id") or attributes.get("messaging.message_id")
+
+
 def _trace_id(traceparent: str) -> str:
     return traceparent.split("-")[1]  # W3C: version-traceid-spanid-flags
 
@@ -207,7 +213,7 @@ def test_publish_in_another_thread_inside_restore__message_and_span_in_the_reque
     result = _run_sender(out, queue, "--via", via, "--read-back")
     requests, messages = result["requests"], result["messages"]
     producer_spans = {
-        span["attributes"]["messaging.message.id"]: span
+        _message_id(span): span
         for span in _records(out, "otel-sender-*.jsonl")
         if span["kind"] == "PRODUCER"
     }
@@ -257,8 +263,9 @@ def test_publish_in_another_thread_without_restore__trace_broken(
         assert _trace_id(headers["traceparent"]) != request["otel_trace_id"]
     inner = [result["messages"][r["task_id"]].get("headers") or {} for r in (first, second)]
     if via == "send_task":
-        # Sentry: the thread kept the first request's scope; the second task lands in its trace.
-        assert [h["sentry-trace"].split("-")[0] for h in inner] == [first["sentry_trace_id"]] * 2
+        # Sentry: the thread kept the first request's scope (sentry-sdk 2.75; 2.0 sends no
+        # header from there): the second request's task is not in its trace.
+        assert inner[1].get("sentry-trace", "-").split("-")[0] != second["sentry_trace_id"]
     else:
         # Sentry adds its headers in apply_async/send_task only: nothing links the task at all.
         assert [h.get("sentry-trace") for h in inner] == [None, None]
@@ -298,7 +305,7 @@ def _worker_runs(worker_out: Path, requests: list[dict[str, Any]]) -> tuple[dict
 
     def collect() -> tuple[dict, dict] | None:
         otel = {
-            s["attributes"].get("messaging.message.id"): s
+            _message_id(s): s
             for s in _records(worker_out, "otel-worker-*.jsonl")
             if s["kind"] == "CONSUMER"
         }
@@ -348,5 +355,5 @@ def test_task_sent_from_another_thread_without_restore__runs_in_a_wrong_trace(
     first, second = result["requests"]
     for request in (first, second):
         assert otel[request["task_id"]]["trace_id"] != request["otel_trace_id"]
-    assert sentry[first["task_id"]]["trace_id"] == first["sentry_trace_id"]
-    assert sentry[second["task_id"]]["trace_id"] == first["sentry_trace_id"]  # not its own
+    # In the first request's trace with sentry-sdk 2.75, a trace of its own with 2.0.
+    assert sentry[second["task_id"]]["trace_id"] != second["sentry_trace_id"]

@@ -269,13 +269,14 @@ class Sentry:
     @contextlib.contextmanager
     def _continued(self, client: Any, carrier: dict[str, str]) -> Iterator[None]:
         import sentry_sdk
+        from sentry_sdk.scope import Scope
 
         _connect_sentry_receiver()
         with sentry_sdk.isolation_scope() as isolation:
             # Both scopes are forks of the sender thread's: drop its span and trace (a thread
             # started inside a request inherits that request's) and take the captured one.
             # An empty carrier starts a new trace.
-            current = sentry_sdk.get_current_scope()
+            current = Scope.get_current_scope()  # sentry_sdk.get_current_scope() is 2.2+
             current.span = isolation.span = None
             isolation.generate_propagation_context(carrier)
             if current.get_active_propagation_context() is not (
