@@ -167,6 +167,10 @@ def test_restore__not_captures_json__warns_and_publishes_without_context(
 # The real SDKs ------------------------------------------------------------------------------------
 
 
+# Fixed names: a broker keeps every queue declared, so a name per run would pile up.
+READ_BACK_QUEUE = "aftercommit-tracing-read-back"
+
+
 def _run_sender(out: Path, queue: str, *args: str) -> dict[str, Any]:
     """tests/tracing_app.py's sender: two requests, one sending thread started in the first."""
     out.mkdir(parents=True, exist_ok=True)
@@ -209,8 +213,7 @@ def out(request: pytest.FixtureRequest) -> Path:
 def test_publish_in_another_thread_inside_restore__message_and_span_in_the_requests_trace(
     broker: Broker, out: Path, via: str
 ) -> None:
-    queue = f"tracing-{uuid.uuid4().hex[:8]}"
-    result = _run_sender(out, queue, "--via", via, "--read-back")
+    result = _run_sender(out, READ_BACK_QUEUE, "--via", via, "--read-back")
     requests, messages = result["requests"], result["messages"]
     producer_spans = {
         _message_id(span): span
@@ -254,8 +257,7 @@ def test_publish_in_another_thread_without_restore__trace_broken(
 ) -> None:
     """The bug restore() fixes, as aftercommit 0.1's publisher thread had it: this is what the
     test above would see without restore()."""
-    queue = f"tracing-{uuid.uuid4().hex[:8]}"
-    result = _run_sender(out, queue, "--via", via, "--bare", "--read-back")
+    result = _run_sender(out, READ_BACK_QUEUE, "--via", via, "--bare", "--read-back")
     first, second = result["requests"]
     for request in (first, second):
         headers = result["messages"][request["task_id"]]
@@ -279,8 +281,8 @@ def tracing_worker(
     broker: Broker, django_db_setup: None, django_db_blocker: Any
 ) -> Iterator[tuple[Process, str, Path]]:
     """A worker with both SDKs set up (tests/tracing_app.py), on a queue of its own."""
-    queue = f"tracing-{uuid.uuid4().hex[:8]}"
-    out = ARTIFACTS / "tracing" / f"worker-{queue}"
+    queue = "aftercommit-tracing"
+    out = ARTIFACTS / "tracing" / f"worker-{uuid.uuid4().hex[:8]}"
     out.mkdir(parents=True, exist_ok=True)
     env = dict(_subprocess_env(broker), TRACING_ROLE="worker", TRACING_OUT=str(out))
     # Warnings are errors, as under the suite's filterwarnings = error, so an SDK deprecation

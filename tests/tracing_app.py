@@ -196,6 +196,14 @@ def send(queue_name: str, via: str, restored: bool, requests: int) -> dict[str, 
     return {"requests": seen, "outside": outside}
 
 
+def purge(queue_name: str) -> None:
+    """Drop what an interrupted run left, so that what is read back is this run's."""
+    with app.connection_for_write() as connection:
+        simple = connection.SimpleQueue(queue_name)
+        simple.clear()
+        simple.close()
+
+
 def read_back(queue_name: str, count: int) -> dict[str, Any]:
     """The messages as the broker holds them, keyed by task id."""
     headers = {}
@@ -220,6 +228,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--read-back", action="store_true", help="consume the messages after")
     args = parser.parse_args(argv)
     set_up_tracers("sender")
+    if args.read_back:
+        purge(args.queue)
     result = send(args.queue, args.via, not args.bare, args.requests)
     if args.read_back:
         result["messages"] = read_back(args.queue, args.requests + 1)
