@@ -10,9 +10,15 @@ python="${PYTHON:-python3}"
 work="$(mktemp -d "${TMPDIR:-/tmp}/aftercommit-wheel.XXXXXX")"
 trap 'rm -rf "$work"' EXIT
 
+# Build from a copy without the work tree's build byproducts: setuptools trusts a stale
+# src/*.egg-info/SOURCES.txt, which would put files in the sdist that package-data forgets.
+mkdir "$work/tree"
+tar -C "$root" --exclude=./.git --exclude=./.venv --exclude=./.artifacts --exclude=./build \
+  --exclude=./dist --exclude='*.egg-info' --exclude=./docs/_build --exclude=./example/.state \
+  --exclude=__pycache__ -cf - . | tar -C "$work/tree" -xf -
 rm -f "$root"/dist/aftercommit-*
 # build makes the sdist, then the wheel from the sdist: a file the sdist forgets is missing here too.
-"$tools/python" -m build --outdir "$root/dist" "$root"
+"$tools/python" -m build --outdir "$root/dist" "$work/tree"
 "$tools/python" -m twine check --strict "$root"/dist/aftercommit-*
 wheel="$(ls "$root"/dist/aftercommit-*.whl)"
 
