@@ -51,3 +51,10 @@ lint: $(BIN)/.installed
 
 clean:
 	rm -rf $(VENV) .artifacts
+
+.PHONY: package docs
+package: $(BIN)/.installed  ## build sdist + wheel, twine check, run the example's tests on the installed wheel
+	BIN=$(BIN) PYTHON=$(PYTHON) tests/wheel_check.sh $(ARGS)
+
+docs: $(BIN)/.installed  ## the Sphinx documentation, warnings as errors -> docs/_build/html
+	$(BIN)/sphinx-build -W --keep-going -b html docs docs/_build/html
