@@ -28,10 +28,8 @@ SETUPS = {
     ),
     "mariadb+redis": ("mysql://root@127.0.0.1:3306/test", "redis://127.0.0.1:6379/1"),
 }
-# MariaDB is opt-in (AFTERCOMMIT_SETUPS=all, or a comma-separated list of names): its relay and
-# dispatch tests pass, but plain Celery's race does not show there (the worker's read waits for the
-# writer's commit), so the race test cannot prove anything on it yet.
-DEFAULT_SETUPS = ("sqlite+filesystem", "postgresql+redis", "postgresql+rabbitmq")
+# AFTERCOMMIT_SETUPS=all, or a comma-separated list of names, picks others.
+DEFAULT_SETUPS = ("sqlite+filesystem", "postgresql+redis", "postgresql+rabbitmq", "mariadb+redis")
 DEFAULT_PORTS = {"postgres": 5432, "mysql": 3306, "redis": 6379, "amqp": 5672}
 
 
