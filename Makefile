@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test faults lint bench clean
+.PHONY: demo test faults lint bench clean matrix matrix-ci
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -41,6 +41,17 @@ bench: $(BIN)/.installed  ## side-by-side benchmarks -> benchmarks/REPORT.md (ab
 	$(BENCH)/propagation.py $(BENCH_ARGS)
 	$(BENCH)/big_outbox.py $(BENCH_ARGS)
 	$(BENCH)/report.py --output $(BENCH_REPORT)
+
+# The version matrix (noxfile.py): each session installs the package with one Django / Celery pair
+# into its own venv and runs tests/matrix.py on one setup; `report` then prints the table and checks
+# the README's compatibility line. ARGS go to pytest.
+matrix: $(BIN)/.installed  ## every Python x Django x Celery x setup session (about 40 minutes)
+	rm -rf .artifacts/matrix
+	$(BIN)/nox -t matrix -- $(ARGS); status=$$?; $(BIN)/nox -s report && exit $$status
+
+matrix-ci: $(BIN)/.installed  ## the representative set CI runs (a few minutes)
+	rm -rf .artifacts/matrix
+	$(BIN)/nox -t ci -- $(ARGS); status=$$?; $(BIN)/nox -s report && exit $$status
 
 lint: $(BIN)/.installed
 	$(BIN)/ruff check .
