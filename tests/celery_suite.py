@@ -191,8 +191,7 @@ def in_own_venv(version: str, argv: list[str]) -> int:
                 f"celery=={version}",
                 f"kombu~={major_minor}.0",  # Celery 5.x goes with kombu 5.x of the same minor
                 "redis>=5,<6" if major_minor in ("5.4", "5.5") else "redis>=5",
-                "-e", f"{ROOT}[test]",
-                "pytest-timeout>=2.3", "pydantic>=2",
+                "-e", f"{ROOT}[test,celery-suite]",
             ],
             check=True,
         )  # fmt: skip
