@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test faults lint bench clean matrix matrix-ci
+.PHONY: demo test faults lint bench clean matrix matrix-ci celery-suite celery-suite-ci
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -52,6 +52,17 @@ matrix: $(BIN)/.installed  ## every Python x Django x Celery x setup session (ab
 matrix-ci: $(BIN)/.installed  ## the representative set CI runs (a few minutes)
 	rm -rf .artifacts/matrix
 	$(BIN)/nox -t ci -- $(ARGS); status=$$?; $(BIN)/nox -s report && exit $$status
+# Celery's own integration suite, plain and with aftercommit's task class (tests/celery_suite.py).
+# ARGS="--celery 5.4.0" runs it on that Celery, in a venv of its own under .artifacts/.
+$(BIN)/.suite-installed: $(BIN)/.installed
+	$(BIN)/python -m pip install -q -e ".[dev,celery-suite]"
+	touch $@
+
+celery-suite: $(BIN)/.suite-installed  ## the whole suite, both ways, and what passes only on plain Celery
+	$(BIN)/python tests/celery_suite.py $(ARGS)
+
+celery-suite-ci: $(BIN)/.suite-installed  ## its representative subset (CI)
+	$(BIN)/python tests/celery_suite.py --ci $(ARGS)
 
 lint: $(BIN)/.installed
 	$(BIN)/ruff check .

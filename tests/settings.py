@@ -123,6 +123,11 @@ CELERY_BROKER_TRANSPORT_OPTIONS = (
 )
 CELERY_BROKER_CONNECTION_TIMEOUT = 2
 CELERY_TASK_IGNORE_RESULT = True
+# On Redis, a result backend for the tests that ask for results (ignore_result=False); the real
+# server, not the proxy the outage tests cut.
+if BROKER_URL.startswith("redis"):
+    CELERY_RESULT_BACKEND = BROKER_URL
+    CELERY_RESULT_EXPIRES = 600
 # The benchmarks use their own queue, so a test run beside them cannot take their messages.
 CELERY_TASK_DEFAULT_QUEUE = os.environ.get("AFTERCOMMIT_TEST_QUEUE", "celery")
 CELERY_WORKER_HIJACK_ROOT_LOGGER = False
