@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test faults lint bench clean
+.PHONY: demo test faults lint bench clean matrix matrix-ci celery-suite celery-suite-ci
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -42,6 +42,28 @@ bench: $(BIN)/.installed  ## side-by-side benchmarks -> benchmarks/REPORT.md (ab
 	$(BENCH)/big_outbox.py $(BENCH_ARGS)
 	$(BENCH)/report.py --output $(BENCH_REPORT)
 
+# The version matrix (noxfile.py): each session installs the package with one Django / Celery pair
+# into its own venv and runs tests/matrix.py on one setup; `report` then prints the table and checks
+# the README's compatibility line. ARGS go to pytest.
+matrix: $(BIN)/.installed  ## every Python x Django x Celery x setup session (about 40 minutes)
+	rm -rf .artifacts/matrix
+	$(BIN)/nox -t matrix -- $(ARGS); status=$$?; $(BIN)/nox -s report && exit $$status
+
+matrix-ci: $(BIN)/.installed  ## the representative set CI runs (a few minutes)
+	rm -rf .artifacts/matrix
+	$(BIN)/nox -t ci -- $(ARGS); status=$$?; $(BIN)/nox -s report && exit $$status
+# Celery's own integration suite, plain and with aftercommit's task class (tests/celery_suite.py).
+# ARGS="--celery 5.4.0" runs it on that Celery, in a venv of its own under .artifacts/.
+$(BIN)/.suite-installed: $(BIN)/.installed
+	$(BIN)/python -m pip install -q -e ".[dev,celery-suite]"
+	touch $@
+
+celery-suite: $(BIN)/.suite-installed  ## the whole suite, both ways, and what passes only on plain Celery
+	$(BIN)/python tests/celery_suite.py $(ARGS)
+
+celery-suite-ci: $(BIN)/.suite-installed  ## its representative subset (CI)
+	$(BIN)/python tests/celery_suite.py --ci $(ARGS)
+
 lint: $(BIN)/.installed
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
@@ -51,3 +73,10 @@ lint: $(BIN)/.installed
 
 clean:
 	rm -rf $(VENV) .artifacts
+
+.PHONY: package docs
+package: $(BIN)/.installed  ## build sdist + wheel, twine check, run the example's tests on the installed wheel
+	BIN=$(BIN) PYTHON=$(PYTHON) tests/wheel_check.sh $(ARGS)
+
+docs: $(BIN)/.installed  ## the Sphinx documentation, warnings as errors -> docs/_build/html
+	$(BIN)/sphinx-build -W --keep-going -b html docs docs/_build/html

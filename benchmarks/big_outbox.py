@@ -5,20 +5,23 @@
 Two PostgreSQL databases on 127.0.0.1: ``aftercommit_bench_empty`` (its outbox emptied at the
 start) and ``aftercommit_bench_10m`` (filled once with 10,000,000 sent rows, reused by later runs).
 Admin-like saves with one aftercommit dispatch alternate between them, so noise on the shared
-machine hits both alike; the background publisher really sends to Redis db 8 (no worker runs,
+machine hits both alike; a relay process (``manage.py aftercommit relay``, the loop a worker's
+relay runs) really claims, sends to Redis db 8 and marks every message meanwhile (no worker runs,
 the queue is purged after). Then the outbox INSERT alone, with the WAL and buffer misses it costs,
 and, with a few hundred pending due rows added to each, the relay's claim query explained and its
-claim, ``mark_sent`` and ``purge_sent`` batches timed.
+claim, ``mark_sent`` and ``purge_sent_batch`` timed.
 ``--quick`` uses 100,000 rows in ``aftercommit_bench_quick`` and a few hundred saves.
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import os
 import re
+import signal
 import statistics
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Callable
@@ -37,35 +40,36 @@ PURGE_BATCH = 1000
 PURGE_RUNS = 3
 
 FILL_SQL = f"""
-INSERT INTO {TABLE} (message_id, task_name, payload, content_type, content_encoding, options,
+INSERT INTO {TABLE} (task_id, task_name, payload, content_type, content_encoding, options, trace,
                      status, created_at, due_at, sent_at, attempts, last_error)
-SELECT gen_random_uuid(), '{TASK_NAME}', '[["bench", ' || i || ', ' || mod(i, 97) || '], {{}}]',
-       'application/json', 'utf-8', '{{"ignore_result": false}}', 1,
+SELECT gen_random_uuid()::text, '{TASK_NAME}',
+       '[["bench", ' || i || ', ' || mod(i, 97) || '], {{}}]',
+       'application/json', 'utf-8', '{{"ignore_result": false}}', '', 1,
        t, t + interval '2 seconds', t + interval '4 milliseconds', 0, ''
 FROM generate_series(1, %(rows)s) AS i,
      LATERAL (SELECT now() - interval '7 days' * ((%(rows)s - i)::float8 / %(rows)s)) AS s(t)
 """
 
 PENDING_SQL = f"""
-INSERT INTO {TABLE} (message_id, task_name, payload, content_type, content_encoding, options,
+INSERT INTO {TABLE} (task_id, task_name, payload, content_type, content_encoding, options, trace,
                      status, created_at, due_at, sent_at, attempts, last_error)
-SELECT gen_random_uuid(), '{TASK_NAME}', '[["bench", ' || i || ', 1], {{}}]',
-       'application/json', 'utf-8', '{{"ignore_result": false}}', 0,
+SELECT gen_random_uuid()::text, '{TASK_NAME}', '[["bench", ' || i || ', 1], {{}}]',
+       'application/json', 'utf-8', '{{"ignore_result": false}}', '', 0,
        now() - interval '1 minute', now() - interval '1 second' * i, NULL, 0, ''
 FROM generate_series(1, %(rows)s) AS i
 """
 
-# The row record() inserts, as one autocommit statement; message_id comes from Python.
+# The row record() inserts, as one autocommit statement; task_id comes from Python.
 INSERT_SQL = f"""
 EXPLAIN (ANALYZE, BUFFERS, WAL, FORMAT JSON)
-INSERT INTO {TABLE} (message_id, task_name, payload, content_type, content_encoding, options,
+INSERT INTO {TABLE} (task_id, task_name, payload, content_type, content_encoding, options, trace,
                      status, created_at, due_at, sent_at, attempts, last_error)
-VALUES (%(message_id)s, 'big-outbox-insert', '[["bench", 1, 2], {{}}]', 'application/json',
-        'utf-8', '{{"ignore_result": false}}', 0, now(), now() + interval '2 seconds', NULL, 0, '')
+VALUES (%(task_id)s, 'big-outbox-insert', '[["bench", 1, 2], {{}}]', 'application/json',
+        'utf-8', '{{"ignore_result": false}}', '', 0, now(), now(), NULL, 0, '')
 """
 
-# Every index but the primary key, with what recreates it: the unique constraint on message_id
-# comes back as a constraint, the others from their definition.
+# Every index but the primary key, with what recreates it: a unique constraint comes back as a
+# constraint, the others (task_id's, the claim's, sent_at's) from their definition.
 SECONDARY_INDEXES_SQL = f"""
 SELECT ci.relname, pg_get_indexdef(i.indexrelid), con.conname, pg_get_constraintdef(con.oid)
 FROM pg_index i
@@ -163,15 +167,33 @@ def index_io(
     }
 
 
+def start_relay() -> subprocess.Popen[bytes]:
+    """``manage.py aftercommit relay`` on this run's databases and broker (what a worker's relay
+    does), its log beside the results."""
+    log = open(common.out_dir() / "big_outbox-relay.log", "wb")  # noqa: SIM115 - the relay's
+    argv = [sys.executable, "-m", "django", "aftercommit", "relay"]
+    env = dict(os.environ, PYTHONPATH=str(common.ROOT))
+    return subprocess.Popen(argv, env=env, cwd=common.ROOT, stdout=log, stderr=subprocess.STDOUT)
+
+
+def stop_relay(relay: subprocess.Popen[bytes]) -> None:
+    relay.send_signal(signal.SIGTERM)  # it stops after the batch in hand
+    try:
+        relay.wait(30)
+    except subprocess.TimeoutExpired:
+        relay.kill()
+        relay.wait()
+
+
 def measure_saves(saves: int, warmup: int) -> dict[str, Any]:
-    """Interleaved admin-like saves on both databases; seconds per save and index I/O per save."""
+    """Interleaved admin-like saves on both databases, a relay process sending meanwhile; seconds
+    per save and index I/O per save."""
     from django.db import transaction
     from tests.celery_app import app
     from tests.testapp.models import Item
     from tests.testapp.tasks import read_item
 
     from aftercommit.models import OutboxMessage, Status
-    from aftercommit.publisher import publisher
 
     items = {
         label: Item.objects.using(alias).get_or_create(name="big-outbox")[0]
@@ -187,43 +209,53 @@ def measure_saves(saves: int, warmup: int) -> dict[str, Any]:
             read_item.apply_async(args=["bench", item.pk, item.version], using=alias)
         return time.perf_counter() - started
 
+    def pending() -> dict[str, int]:
+        return {
+            label: OutboxMessage.objects.using(alias).filter(status=Status.PENDING).count()
+            for label, alias in ALIASES.items()
+        }
+
+    def wait_sent(timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while any(pending().values()) and time.monotonic() < deadline:
+            time.sleep(0.2)
+
     labels = list(ALIASES)
-    for _ in range(warmup):
-        for label in labels:
-            save(label)
-    publisher.flush(60)
-    before = {label: index_stats(alias) for label, alias in ALIASES.items()}
-    samples: dict[str, list[float]] = {label: [] for label in labels}
-    for i in range(saves):
-        # Each database goes first half the time.
-        for label in labels if i % 2 == 0 else labels[::-1]:
-            samples[label].append(save(label))
-    publisher.flush(60)
-    io = {
-        label: index_io(before[label], index_stats(alias), saves)
-        for label, alias in ALIASES.items()
-    }
-    unsent = {
-        label: OutboxMessage.objects.using(alias).filter(status=Status.PENDING).count()
-        for label, alias in ALIASES.items()
-    }
+    relay = start_relay()
+    try:
+        for _ in range(warmup):
+            for label in labels:
+                save(label)
+        wait_sent(60)
+        before = {label: index_stats(alias) for label, alias in ALIASES.items()}
+        samples: dict[str, list[float]] = {label: [] for label in labels}
+        for i in range(saves):
+            # Each database goes first half the time.
+            for label in labels if i % 2 == 0 else labels[::-1]:
+                samples[label].append(save(label))
+        wait_sent(60)
+        io = {
+            label: index_io(before[label], index_stats(alias), saves)
+            for label, alias in ALIASES.items()
+        }
+    finally:
+        stop_relay(relay)
+    unsent = pending()
     with app.connection_for_write() as conn:
         queued = conn.default_channel.queue_purge(common.QUEUE)
     return {"samples": samples, "index_io": io, "unsent": unsent, "queued": queued}
 
 
-def measure_inserts(
-    inserts: int, message_id: Callable[[], uuid.UUID]
-) -> dict[str, dict[str, float]]:
+def measure_inserts(inserts: int, task_id: Callable[[], uuid.UUID]) -> dict[str, dict[str, float]]:
     """A plain INSERT of one outbox row on each database in alternation: its time with the commit,
-    and the WAL and shared-buffer misses it costs, with ids made by ``message_id``."""
+    and the WAL and shared-buffer misses it costs, with task ids made by ``task_id``."""
     samples: dict[str, list[float]] = {label: [] for label in ALIASES}
     totals = {label: {"wal_bytes": 0, "wal_fpi": 0, "misses": 0} for label in ALIASES}
     labels = list(ALIASES)
     for i in range(inserts):
         for label in labels if i % 2 == 0 else labels[::-1]:
             started = time.perf_counter()
-            plan = sql(ALIASES[label], INSERT_SQL, {"message_id": message_id()})[0][0][0]["Plan"]
+            plan = sql(ALIASES[label], INSERT_SQL, {"task_id": str(task_id())})[0][0][0]["Plan"]
             samples[label].append(ms_since(started))
             totals[label]["wal_bytes"] += plan["WAL Bytes"]
             totals[label]["wal_fpi"] += plan["WAL FPI"]
@@ -240,7 +272,7 @@ def measure_inserts(
     }
 
 
-def explain_claim(alias: str, now: dt.datetime) -> tuple[str, str]:
+def explain_claim(alias: str) -> tuple[str, str]:
     """The claim's SELECT, EXPLAIN (ANALYZE, BUFFERS), rolled back: its SQL and its plan."""
     from django.db import connections, transaction
     from django.test.utils import CaptureQueriesContext
@@ -248,7 +280,12 @@ def explain_claim(alias: str, now: dt.datetime) -> tuple[str, str]:
     from aftercommit.models import OutboxMessage
 
     with transaction.atomic(using=alias), CaptureQueriesContext(connections[alias]) as queries:
-        qs = OutboxMessage.objects.using(alias).due(now).select_for_update(skip_locked=True)
+        # What claim() selects (its claimed_at annotation is Now(), no change to the plan).
+        qs = (
+            OutboxMessage.objects.using(alias)
+            .due()
+            .select_for_update(skip_locked=True, of=("self",))
+        )
         plan = qs[:CLAIM_BATCH].explain(analyze=True, buffers=True)
         transaction.set_rollback(True, using=alias)
     return queries.captured_queries[-1]["sql"], plan
@@ -266,9 +303,8 @@ def ms_since(started: float) -> float:
 def measure_relay(alias: str) -> dict[str, Any]:
     """Claim, mark_sent and one purge_sent batch with PENDING_ROWS due rows over the sent ones."""
     from django.db import transaction
-    from django.utils import timezone
 
-    from aftercommit.models import OutboxMessage, Status
+    from aftercommit.models import OutboxMessage, Status, database_now
 
     outbox = OutboxMessage.objects.using(alias)
     outbox.filter(status=Status.PENDING).delete()  # what an interrupted run left
@@ -279,32 +315,31 @@ def measure_relay(alias: str) -> dict[str, Any]:
     claim_ms: list[float] = []
     mark_sent_ms: list[float] = []
     claim_sql = ""
-    lease = dt.timedelta(seconds=60)
     for _ in range(PENDING_ROWS // CLAIM_BATCH):
-        now = timezone.now()
-        statement, plan = explain_claim(alias, now)
+        statement, plan = explain_claim(alias)
         claim_sql = claim_sql or statement
         plans.append(plan)
         started = time.perf_counter()
-        claimed = outbox.claim(limit=CLAIM_BATCH, lease_until=now + lease, now=now)
+        claimed = outbox.claim(limit=CLAIM_BATCH, lease=60)
         claim_ms.append(ms_since(started))
         started = time.perf_counter()
-        outbox.mark_sent([m.id for m in claimed], now)
+        outbox.mark_sent([m.id for m in claimed])
         mark_sent_ms.append(ms_since(started))
 
-    # One purge batch: ``before`` just past the PURGE_BATCH oldest sent rows, rolled back, so
-    # the same batch can be timed again.
+    # One purge batch: the retention window ends just past the PURGE_BATCH oldest sent rows
+    # (seconds before the database's now), rolled back, so the same batch can be timed again.
     oldest = list(
         outbox.filter(status=Status.SENT)
         .order_by("sent_at")
         .values_list("sent_at", flat=True)[PURGE_BATCH : PURGE_BATCH + 1]
     )
-    before = next(iter(oldest), None) or timezone.now()
+    now = database_now(alias)
+    older_than = (now - oldest[0]).total_seconds() if oldest else 0.0
     purge_ms: list[float] = []
     for _ in range(PURGE_RUNS):
         with transaction.atomic(using=alias):
             started = time.perf_counter()
-            purged = outbox.purge_sent(before=before, batch_size=PURGE_BATCH)
+            purged = outbox.purge_sent_batch(older_than=older_than, batch_size=PURGE_BATCH)
             purge_ms.append(ms_since(started))
             transaction.set_rollback(True, using=alias)
     sql(alias, f"DELETE FROM {TABLE} WHERE id >= %(first)s", {"first": first_id})
@@ -357,15 +392,12 @@ def main() -> None:
 
     id_kinds = {
         "random (uuid4)": uuid.uuid4,
-        "time-ordered (UUIDv7, what record() uses)": time_ordered_uuid,
+        "time-ordered (UUIDv7, record()'s default)": time_ordered_uuid,
     }
     inserted_by_kind = {kind: measure_inserts(inserts, make) for kind, make in id_kinds.items()}
-    inserted = inserted_by_kind["time-ordered (UUIDv7, what record() uses)"]
+    inserted = inserted_by_kind["time-ordered (UUIDv7, record()'s default)"]
     relay = {label: measure_relay(alias) for label, alias in ALIASES.items()}
     measure_s = time.perf_counter() - measure_started
-    from aftercommit.publisher import publisher
-
-    publisher.flush(60)
 
     stats = {label: summary(s) for label, s in saved["samples"].items()}
     ratio = stats["big"]["median_ms"] / stats["empty"]["median_ms"]
@@ -385,7 +417,7 @@ def main() -> None:
     insert_ratio = inserted["big"]["median_ms"] / inserted["empty"]["median_ms"]
     insert_table = common.table(
         [
-            "message_id",
+            "task_id",
             "outbox",
             "median ms",
             "p90 ms",
@@ -408,7 +440,7 @@ def main() -> None:
         ],
     )
     relay_table = common.table(
-        ["outbox", "claim SELECT ms", "claim ms", "mark_sent ms", "purge_sent batch ms"],
+        ["outbox", "claim SELECT ms", "claim ms", "mark_sent ms", "purge_sent_batch ms"],
         [
             [
                 label_of[label],
@@ -442,23 +474,24 @@ def main() -> None:
 An admin-like save with one aftercommit dispatch (`transaction.atomic`, `item.save()`,
 `read_item.apply_async(using=...)`), {saves} times on each of two PostgreSQL databases in
 alternation, after {warmup} warm-up saves each. One outbox starts empty, the other holds
-{big_rows} rows ({fill_note}). The background publisher sent each message to Redis and marked
-it sent, as in production: {saved["queued"]} messages reached the queue, {unsent} rows were
-left pending.
+{big_rows} rows ({fill_note}). The web process only INSERTs; a relay process
+(`manage.py aftercommit relay`, the loop a worker's relay runs), woken by each commit's NOTIFY,
+sent each message to Redis and marked it sent, as in production: {saved["queued"]} messages
+reached the queue, {unsent} rows were left pending.
 
 {save_table}
 
 Ratio {big_rows} / empty: **{ratio:.3f}** at the median ({ratio_p90:.3f} at p90); target <= 1.10:
 **{verdict}**.
 
-Index I/O of the saves (inserts, the publisher's `mark_sent`), per save, from
+Index I/O of the saves (inserts, the relay's `claim` and `mark_sent`), per save, from
 `pg_statio_user_indexes` (misses are reads into shared_buffers = {shared_buffers}):
 
 {io_table}
 
 The outbox INSERT alone ({inserts} per database and kind of id, alternating, each its own
 transaction), with the WAL and shared-buffer misses `EXPLAIN (ANALYZE, BUFFERS, WAL)` counts per
-insert. A random id lands on a random page of the big unique index (a miss and a full-page
+insert. A random task id lands on a random page of the big task_id index (a miss and a full-page
 image each); a time-ordered one on its right edge. With time-ordered ids the ratio is
 {insert_ratio:.3f} at the median:
 
@@ -466,7 +499,7 @@ image each); a time-ordered one on its right edge. With time-ordered ids the rat
 
 The relay with {PENDING_ROWS} pending due rows added: the claim's SELECT (median of
 {PENDING_ROWS // CLAIM_BATCH} `EXPLAIN ANALYZE` runs), the whole `claim()` and `mark_sent()` of
-{CLAIM_BATCH} rows, and one `purge_sent()` batch of {PURGE_BATCH} (median of {PURGE_RUNS}, each
+{CLAIM_BATCH} rows, and one `purge_sent_batch()` of {PURGE_BATCH} (median of {PURGE_RUNS}, each
 rolled back):
 
 {relay_table}

@@ -2,12 +2,14 @@
 
     python benchmarks/latency.py [--samples 300] [--countdown 60] [--quick]
 
-A Celery worker (threads pool, 4 threads) runs the test project's tasks, which record when they
-start. Each sample is an admin-like save that dispatches one task; the caller notes the time of the
-commit (in the first on-commit hook), the task notes the time it started (same machine, same
-clock). The ways are interleaved, one save every ``--pace`` seconds so the worker is waiting,
-not queueing. The seed's own fix, a countdown, is dispatched inside the transaction as the seed
-did; its samples are sent spread over the run and all land ``--countdown`` seconds later.
+One Celery worker (threads pool, 4 threads) runs the test project's tasks, which record when they
+start. It is also aftercommit's only sender: the relay runs inside it (a worker bootstep, the
+default), woken by PostgreSQL's NOTIFY when a transaction that recorded a message commits; no
+relay process runs. Each sample is an admin-like save that dispatches one task; the caller notes
+the time of the commit (in the first on-commit hook), the task notes the time it started (same
+machine, same clock). The ways are interleaved, one save every ``--pace`` seconds so the worker
+is waiting, not queueing. The seed's own fix, a countdown, is dispatched inside the transaction as
+the seed did; its samples are sent spread over the run and all land ``--countdown`` seconds later.
 """
 
 from __future__ import annotations
@@ -73,7 +75,7 @@ def main() -> None:
     from tests.testapp.models import Item, TaskRun
     from tests.testapp.tasks import plain_read_item, read_item
 
-    from aftercommit.publisher import publisher
+    from aftercommit.models import OutboxMessage, Status
 
     with app.connection_for_write() as conn:
         conn.default_channel.queue_purge(common.QUEUE)
@@ -90,7 +92,8 @@ def main() -> None:
             item.version += 1
             item.save(update_fields=["version"])
             # Hooks run in the order they were registered: this one notes the commit before
-            # delay_on_commit's hook publishes (in the caller) or aftercommit's hands over.
+            # delay_on_commit's hook publishes. aftercommit's NOTIFY is delivered by the commit
+            # itself, a few microseconds before this hook runs.
             transaction.on_commit(stamp)
             dispatch(token)
 
@@ -118,7 +121,6 @@ def main() -> None:
                         (token, item.pk, item.version), countdown=args.countdown
                     ),
                 )
-        publisher.flush(30)
         expected = {t for t in committed if not t.startswith("warm-")}
         deadline = time.monotonic() + args.countdown + 60
         while True:
@@ -132,7 +134,19 @@ def main() -> None:
         worker.terminate()
         worker.wait(30)
     if len(started) < len(expected):
-        raise SystemExit(f"{len(expected) - len(started)} task(s) never started")
+        unsent = OutboxMessage.objects.filter(status=Status.PENDING).count()
+        raise SystemExit(
+            f"{len(expected) - len(started)} task(s) never started ({unsent} outbox row(s) still "
+            f"pending); see {common.out_dir() / 'latency-worker.log'}"
+        )
+    # What the worker's relay logged (aftercommit logs warnings and errors only, here).
+    relay_log = [
+        line
+        for line in (common.out_dir() / "latency-worker.log").read_text().splitlines()
+        if "aftercommit" in line and ("ERROR" in line or "WARNING" in line or "Traceback" in line)
+    ]
+    for line in relay_log:
+        print(f"worker log: {line}", flush=True)
 
     latency: dict[str, list[float]] = {name: [] for name in [*ways, countdown]}
     for token, at in started.items():
@@ -158,9 +172,11 @@ def main() -> None:
     plot(png, latency)
     markdown = (
         f"A real Celery worker (threads pool, 4 threads) on "
-        f"`{os.environ['BROKER_URL'].split('://')[0]}`; one admin-like save every "
-        f"{args.pace * 1000:.0f} ms, the ways interleaved. Latency is from the commit (the "
-        f"first on-commit hook) in the caller to the task body starting in the worker.\n\n"
+        f"`{os.environ['BROKER_URL'].split('://')[0]}`, with aftercommit's relay running inside "
+        f"it (the default; no relay process), woken by PostgreSQL's NOTIFY at the commit; one "
+        f"admin-like save every {args.pace * 1000:.0f} ms, the ways interleaved. Latency is from "
+        f"the commit (the first on-commit hook) in the caller to the task body starting in the "
+        f"worker.\n\n"
         + common.table(
             ["way", "tasks", "p50 ms", "p90 ms", "p99 ms", "max ms", "p50 / p99 vs on_commit"],
             rows,
@@ -174,7 +190,12 @@ def main() -> None:
         order=2,
         title="2. Commit-to-task-start latency with a real worker",
         markdown=markdown,
-        data={"latency_ms": latency, "pace": args.pace, "countdown": args.countdown},
+        data={
+            "latency_ms": latency,
+            "pace": args.pace,
+            "countdown": args.countdown,
+            "relay_log": relay_log,
+        },
         quick=args.quick,
     )
 

@@ -7,8 +7,8 @@ Extra arguments go to pytest: ``python tests/matrix.py -k race``.
 
 from __future__ import annotations
 
+import json
 import os
-import re
 import socket
 import subprocess
 import sys
@@ -16,6 +16,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
+from xml.etree import ElementTree
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -28,10 +29,8 @@ SETUPS = {
     ),
     "mariadb+redis": ("mysql://root@127.0.0.1:3306/test", "redis://127.0.0.1:6379/1"),
 }
-# MariaDB is opt-in (AFTERCOMMIT_SETUPS=all, or a comma-separated list of names): its relay and
-# dispatch tests pass, but plain Celery's race does not show there (the worker's read waits for the
-# writer's commit), so the race test cannot prove anything on it yet.
-DEFAULT_SETUPS = ("sqlite+filesystem", "postgresql+redis", "postgresql+rabbitmq")
+# AFTERCOMMIT_SETUPS=all, or a comma-separated list of names, picks others.
+DEFAULT_SETUPS = ("sqlite+filesystem", "postgresql+redis", "postgresql+rabbitmq", "mariadb+redis")
 DEFAULT_PORTS = {"postgres": 5432, "mysql": 3306, "redis": 6379, "amqp": 5672}
 
 
@@ -40,6 +39,8 @@ def unreachable(*urls: str) -> str | None:
         if not url:
             continue
         parts = urlsplit(url)
+        if parts.scheme not in DEFAULT_PORTS and not parts.port:
+            continue  # a file, not a server: sqlite://, filesystem://
         port = parts.port or DEFAULT_PORTS.get(parts.scheme, 0)
         try:
             socket.create_connection((parts.hostname or "127.0.0.1", port), timeout=2).close()
@@ -48,13 +49,27 @@ def unreachable(*urls: str) -> str | None:
     return None
 
 
-def counts(output: str) -> dict[str, int]:
-    found: dict[str, int] = {}
-    last = [line for line in output.splitlines() if re.search(r"\d+ (passed|failed|error)", line)]
-    if last:
-        for number, word in re.findall(r"(\d+) (passed|failed|skipped|errors?)", last[-1]):
-            key = "failed" if word.startswith("error") else word
-            found[key] = found.get(key, 0) + int(number)
+# pytest's exit codes: 0 all passed, 1 some failed, 5 nothing collected; anything else (2
+# interrupted, 3 internal error, 4 usage error) means the run itself broke.
+PYTEST_RAN = (0, 1, 5)
+
+
+def counts(junit: Path, code: int) -> dict[str, int]:
+    """What one pytest run did, read from its JUnit XML report and its exit code."""
+    found = {"passed": 0, "failed": 0, "skipped": 0}
+    try:
+        suites = ElementTree.parse(junit).getroot().iter("testsuite")
+    except (OSError, ElementTree.ParseError):
+        suites = iter(())
+    for suite in suites:
+        tests, skipped = int(suite.get("tests", 0)), int(suite.get("skipped", 0))
+        failed = int(suite.get("failures", 0)) + int(suite.get("errors", 0))
+        found["failed"] += failed
+        found["skipped"] += skipped
+        found["passed"] += tests - failed - skipped
+    # A run that broke, or that failed without a report saying so, counts as one failure.
+    if code not in PYTEST_RAN or (code == 1 and not found["failed"]):
+        found["failed"] += 1
     return found
 
 
@@ -65,7 +80,7 @@ class Output:
 
 
 def run(argv: list[str], env: dict[str, str]) -> Output:
-    """Run pytest, streaming its output, and keep the output for the counts."""
+    """Run a command, streaming its output."""
     proc = subprocess.Popen(
         argv, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
@@ -75,6 +90,15 @@ def run(argv: list[str], env: dict[str, str]) -> Output:
         sys.stdout.write(line)
         lines.append(line)
     return Output(proc.wait(), "".join(lines))
+
+
+def pytest(argv: list[str], env: dict[str, str], artifacts: Path) -> dict[str, int]:
+    """One pytest session; returns its counts."""
+    artifacts.mkdir(parents=True, exist_ok=True)
+    junit = artifacts / "junit.xml"
+    junit.unlink(missing_ok=True)  # a stale report must not stand in for a run that broke
+    output = run([sys.executable, "-m", "pytest", f"--junitxml={junit}", *argv], env)
+    return counts(junit, output.code)
 
 
 def main(argv: list[str]) -> int:
@@ -87,9 +111,12 @@ def main(argv: list[str]) -> int:
         return 2
     chosen = {name: SETUPS[name] for name in names}
     if os.environ.get("DATABASE_URL") or os.environ.get("BROKER_URL"):
-        chosen = {"custom": (os.environ.get("DATABASE_URL", ""), os.environ.get("BROKER_URL", ""))}
+        # Named, so its artifacts and SQLite state stay apart from other runs (noxfile.py).
+        custom = os.environ.get("AFTERCOMMIT_SETUP_NAME", "custom")
+        chosen = {custom: (os.environ.get("DATABASE_URL", ""), os.environ.get("BROKER_URL", ""))}
 
     totals = {"passed": 0, "failed": 0, "skipped": 0}
+    results: dict[str, dict[str, int]] = {}
     summary: list[str] = []
     for name, (database_url, broker_url) in chosen.items():
         problem = unreachable(database_url, broker_url)
@@ -106,10 +133,8 @@ def main(argv: list[str]) -> int:
         env["AFTERCOMMIT_ARTIFACTS"] = str(ROOT / ".artifacts" / name)
         env["AFTERCOMMIT_TEST_STATE"] = str(ROOT / ".artifacts" / name / "state")
         started = time.monotonic()
-        output = run([sys.executable, "-m", "pytest", *argv], env)
-        found = counts(output.text)
-        if output.code not in (0, 5) and not found.get("failed"):
-            found["failed"] = found.get("failed", 0) + 1
+        found = pytest(argv, env, ROOT / ".artifacts" / name)
+        results[name] = found
         for key in totals:
             totals[key] += found.get(key, 0)
         summary.append(
@@ -124,11 +149,10 @@ def main(argv: list[str]) -> int:
         env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "BROKER_URL")}
         env["AFTERCOMMIT_ARTIFACTS"] = str(ROOT / ".artifacts" / "example")
         started = time.monotonic()
-        output = run([sys.executable, "-m", "pytest", "example/tests", "-c", "example/pytest.ini"],
-                     env)  # fmt: skip
-        found = counts(output.text)
-        if output.code not in (0, 5) and not found.get("failed"):
-            found["failed"] = 1
+        found = pytest(
+            ["example/tests", "-c", "example/pytest.ini"], env, ROOT / ".artifacts" / "example"
+        )
+        results["example"] = found
         for key in totals:
             totals[key] += found.get(key, 0)
         summary.append(
@@ -138,7 +162,7 @@ def main(argv: list[str]) -> int:
 
     # The benchmarks' short form: every benchmark runs on a few hundred messages, so a change that
     # breaks one shows here; the figures come from `make bench`.
-    if not os.environ.get("AFTERCOMMIT_SKIP_BENCH") and not argv and "custom" not in chosen:
+    if not os.environ.get("AFTERCOMMIT_SKIP_BENCH") and not argv and chosen.keys() <= SETUPS.keys():
         name = "benchmarks --quick"
         database_url, redis_url = SETUPS["postgresql+redis"]
         problem = unreachable(database_url, redis_url, SETUPS["postgresql+rabbitmq"][1])
@@ -158,6 +182,13 @@ def main(argv: list[str]) -> int:
             totals["passed" if output.code == 0 else "failed"] += 1
             took = time.monotonic() - started
             summary.append(f"{name}: {verdict} in {took:.0f}s, report in {report}")
+            results[name] = {"passed": int(output.code == 0), "failed": int(output.code != 0)}
+
+    # For the version matrix (noxfile.py): what ran, per setup.
+    result_file = os.environ.get("AFTERCOMMIT_MATRIX_RESULT")
+    if result_file:
+        Path(result_file).parent.mkdir(parents=True, exist_ok=True)
+        Path(result_file).write_text(json.dumps({"totals": totals, "setups": results}, indent=2))
 
     print("\n=== summary")
     for line in summary:

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import warnings
+from pathlib import Path
 
 import pytest
 from django.db import transaction
@@ -102,6 +106,99 @@ def test_default_setting_is_warn(settings, monkeypatch) -> None:  # type: ignore
     monkeypatch.setattr(guard, "session_default", None)
     settings.AFTERCOMMIT = {k: v for k, v in settings.AFTERCOMMIT.items() if k != "GUARD"}
     assert guard.mode() == "warn"
+
+
+# Code run as __main__ or exec'd by Django's shell --------------------------------------------
+
+ROOT = Path(__file__).resolve().parent.parent
+# The same lines in every way of running them; the publish is on line 6.
+MAIN_SOURCE = """import django
+django.setup()
+from django.db import transaction
+from tests.testapp.tasks import plain_read_item
+with transaction.atomic():
+    plain_read_item.delay("guard-main")
+print("published")
+"""
+MAIN_LINE = 6
+MANAGE_PY = """import sys
+
+if __name__ == "__main__":
+    from django.core.management import execute_from_command_line
+
+    execute_from_command_line(sys.argv)
+"""
+
+
+@pytest.mark.parametrize(
+    "way",
+    [
+        "python -c",
+        "python - < file",
+        "python -m module",
+        "python -m django shell -c",
+        "manage.py shell -c",
+    ],
+)
+def test_warn_mode_outside_a_module__warns_at_the_users_line_and_publishes(
+    way: str, tmp_path: Path
+) -> None:
+    """warn_explicit(module_globals=__main__'s) raised ImportError from __main__'s loader (python
+    -c, -, -m), and under manage.py shell -c the warning named manage.py's line."""
+    (tmp_path / "guard_main.py").write_text(MAIN_SOURCE)
+    (tmp_path / "manage.py").write_text(MANAGE_PY)
+    where, argv, stdin = {
+        "python -c": ("<string>", ["-c", MAIN_SOURCE], None),
+        "python - < file": ("<stdin>", ["-"], MAIN_SOURCE),
+        "python -m module": (str(tmp_path / "guard_main.py"), ["-m", "guard_main"], None),
+        "python -m django shell -c": (
+            "<string>",
+            ["-m", "django", "shell", "-c", MAIN_SOURCE],
+            None,
+        ),
+        "manage.py shell -c": ("<string>", ["manage.py", "shell", "-c", MAIN_SOURCE], None),
+    }[way]
+    # The default test setup (SQLite, the filesystem broker) in a directory of its own: this
+    # publish is plain Celery's and goes straight to the broker.
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("AFTERCOMMIT_TEST_", "DATABASE_URL", "BROKER_URL", "PYTHONWARNINGS"))
+    }
+    env.update(
+        DJANGO_SETTINGS_MODULE="tests.settings",
+        AFTERCOMMIT_TEST_STATE=str(tmp_path),
+        AFTERCOMMIT_TEST_SETTINGS='{"GUARD": "warn"}',
+        PYTHONPATH=os.pathsep.join([str(tmp_path), str(ROOT)]),
+    )
+    done = subprocess.run(
+        [sys.executable, *argv],
+        cwd=tmp_path,
+        env=env,
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert "ImportError" not in done.stderr, done.stderr
+    assert done.returncode == 0, done.stderr
+    assert f"{where}:{MAIN_LINE}: UnsafeDispatchWarning: " in done.stderr, done.stderr
+    assert f"plain Celery at {where}:{MAIN_LINE} " in done.stderr
+    assert "published" in done.stdout
+    assert list((tmp_path / "aftercommit-tests" / "broker").iterdir())  # the message was sent
+
+
+@pytest.mark.django_db(transaction=True)
+def test_warn_mode__a_failing_warning_display_is_logged_not_raised(caplog) -> None:  # type: ignore[no-untyped-def]
+    def broken_display(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("the display failed")
+
+    with forced_guard("warn"), warnings.catch_warnings(), transaction.atomic():
+        warnings.simplefilter("always")
+        warnings.showwarning = broken_display
+        plain_read_item.delay("guard-broken-display")
+    assert "published by plain Celery" in caplog.text
+    assert "the display failed" in caplog.text
 
 
 def _line() -> int:

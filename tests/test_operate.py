@@ -140,7 +140,8 @@ def test_status__exit_code_follows_thresholds(settings) -> None:  # type: ignore
 
 
 def test_health_view__no_payloads_503_when_unhealthy(client, settings) -> None:  # type: ignore[no-untyped-def]
-    settings.AFTERCOMMIT = {"DATABASES": ["default"]}
+    # No cached figures: the relay's heartbeat below must show at once.
+    settings.AFTERCOMMIT = {"DATABASES": ["default"], "HEALTH_CACHE_SECONDS": 0}
     message()
     response = client.get("/aftercommit/health/")
     assert response.status_code == 503  # no relay heartbeat

@@ -41,8 +41,9 @@ class Brand(models.Model):
                 propagate_brand.delay(self.pk)  # the seed's line, unchanged
 
     @classmethod
-    def from_db(cls, db: str | None, field_names: Any, values: Any) -> Brand:
-        brand = super().from_db(db, field_names, values)
+    def from_db(cls, db: str | None, field_names: Any, values: Any, **kwargs: Any) -> Brand:
+        # Django 6.1 passes fetch_mode= and deprecates from_db() methods that cannot take it.
+        brand = super().from_db(db, field_names, values, **kwargs)
         # Remember what was loaded, so save() knows what changed without another query.
         brand._loaded = {f: getattr(brand, f) for f in cls.COPIED if f in field_names}
         return brand

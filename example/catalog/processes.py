@@ -1,4 +1,5 @@
-"""The processes the catalog runs beside the web server: a Celery worker and the aftercommit relay.
+"""The processes the catalog runs beside the web server: a Celery worker, which also relays (the
+aftercommit relay runs inside it), and, on request, a standalone relay.
 
 Each child gets its own session, so Ctrl-C reaches only us and we stop them in order, by pid.
 """
@@ -78,6 +79,8 @@ def start_worker(name: str = "worker", concurrency: int = 4, **env: str) -> Chil
 
 
 def start_relay(name: str = "relay", **env: str) -> Child:
+    """`manage.py aftercommit relay`, for a deployment that sends apart from its workers; the worker
+    relays by itself, so nothing needs this by default."""
     return Child(name, manage("aftercommit", "relay"), env)
 
 

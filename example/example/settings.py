@@ -75,9 +75,11 @@ elif DATABASES["default"]["ENGINE"].endswith("mysql"):
 
 BROKER_URL = os.environ.get("BROKER_URL") or "filesystem://"
 BROKER_DIR = STATE_DIR / "broker"
-# Producers (web, relay) may reach the broker another way than the worker does: `race
-# --broker-outage` points them at a proxy, or at a link to the folder, that it can take away.
-CELERY_BROKER_URL = os.environ.get("EXAMPLE_PRODUCER_BROKER_URL") or BROKER_URL
+# Producers (web, and the relay inside the worker) may reach the broker another way than the
+# worker's consumer does: `race --broker-outage` points them at a proxy, or at a link to the folder,
+# that it can take away.
+CELERY_BROKER_URL = BROKER_URL
+CELERY_BROKER_WRITE_URL = os.environ.get("EXAMPLE_PRODUCER_BROKER_URL") or BROKER_URL
 if BROKER_URL.startswith("filesystem"):
     CELERY_BROKER_TRANSPORT = "aftercommit.transport:FilesystemTransport"
     CELERY_BROKER_TRANSPORT_OPTIONS = {
@@ -96,7 +98,6 @@ CELERY_WORKER_HIJACK_ROOT_LOGGER = False
 
 AFTERCOMMIT = {
     # Short, so the demo and `race --broker-outage` show the relay catching up within seconds.
-    "GRACE_PERIOD": 2.0,
     "POLL_INTERVAL": 0.5,
     "BROKER_BACKOFF_MAX": 1.0,
 }

@@ -28,6 +28,8 @@ from .dispatch import decode_arguments, decode_options
 from .models import OutboxMessage, Status
 
 PAYLOAD_PERMISSION = "aftercommit.view_payload"
+# What the view permission alone must not reveal: the arguments, the send options, the trace.
+PRIVATE_FIELDS = ("payload", "options", "trace")
 PROTECTED_ACTIONS = {"retry_dead_letters": "retry", "discard_dead_letters": "discard"}
 
 
@@ -120,6 +122,17 @@ class OutboxMessageAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
         "sent_at", "content_type",
     )  # fmt: skip
 
+    def get_queryset(self, request: HttpRequest) -> QuerySet[Any]:
+        # The list and the change view show none of them; the payload view loads them itself.
+        return super().get_queryset(request).defer(*PRIVATE_FIELDS)
+
+    def lookup_allowed(self, lookup: str, value: str, request: HttpRequest | None = None) -> bool:
+        """Only the list's own filters. Any other lookup in the query string
+        (``?payload__contains=...``, ``?options__regex=...``) would let a user without the payload
+        permission learn the arguments from the row count. (``request`` is new in Django 5.0.)"""
+        filters = self.get_list_filter(request) if request is not None else self.list_filter
+        return lookup in {getattr(f, "parameter_name", None) for f in filters}
+
     def has_add_permission(self, request: HttpRequest) -> bool:
         return False
 
@@ -181,7 +194,7 @@ class OutboxMessageAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
     def payload_view(self, request: HttpRequest, object_id: int) -> HttpResponse:
         if not request.user.has_perm(PAYLOAD_PERMISSION):
             raise PermissionDenied
-        message = get_object_or_404(self.get_queryset(request), pk=object_id)
+        message = get_object_or_404(self.get_queryset(request).defer(None), pk=object_id)
         try:
             from .operations import celery_app
 

@@ -117,6 +117,20 @@ SETTINGS: dict[str, Setting] = {
         bool,
         "Whether status and health fail when no relay has shown a heartbeat recently.",
     ),
+    "HEALTH_TOKEN": Setting(
+        None,
+        (str, type(None)),
+        "Secret the health view wants before it shows figures: 'Authorization: Bearer <token>' "
+        "or '?token=<token>'. Without it the view answers only {\"healthy\": true|false} (same "
+        "status code, so probes need no secret); a wrong one gets 403. None: figures for all.",
+    ),
+    "HEALTH_CACHE_SECONDS": Setting(
+        5.0,
+        (int, float),
+        "Seconds the health view reuses its figures in each process, so frequent probes cost one "
+        "set of COUNT queries per period. 0: read them on every request.",
+        minimum=0,
+    ),
 }
 
 

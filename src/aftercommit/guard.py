@@ -11,12 +11,18 @@ user's tasks and task classes are not touched.
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import importlib.util
+import linecache
+import logging
+import os
 import sys
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
+from types import FrameType
 from typing import Any
 
 from django.conf import settings as django_settings
@@ -33,11 +39,13 @@ _forced: ContextVar[str | None] = ContextVar("aftercommit_guard_forced", default
 # The pytest plugin's default for the session, used when settings.AFTERCOMMIT has no "GUARD".
 session_default: str | None = None
 
-# Frames from these packages are the machinery between the caller and the publish.
-_INTERNAL = ("celery.", "kombu.", "aftercommit.", "django.", "amqp.", "redis.", "vine.")
-_INTERNAL_EXACT = frozenset({"celery", "kombu", "aftercommit", "django", "contextlib"})
+# Frames in these packages' files are the machinery between the caller and the publish. Files, not
+# module names: ``manage.py shell -c`` runs the user's code with the globals of Django's shell.
+_INTERNAL_PACKAGES = ("celery", "kombu", "aftercommit", "django", "amqp", "redis", "vine")
 
 _INSTALLED = "_aftercommit_guarded"
+
+logger = logging.getLogger("aftercommit.guard")
 
 
 @contextmanager
@@ -90,20 +98,43 @@ def open_aliases() -> list[str]:
     return [c.alias for c in opened if user_atomic_open(c)]
 
 
-def _is_internal(module: str) -> bool:
-    return module in _INTERNAL_EXACT or module.startswith(_INTERNAL)
+@functools.cache
+def _internal_prefixes() -> tuple[str, ...]:
+    prefixes = [os.path.dirname(contextlib.__file__) + os.sep + "contextlib.py"]
+    for name in _INTERNAL_PACKAGES:
+        try:
+            spec = importlib.util.find_spec(name)
+        except (ImportError, ValueError):
+            continue
+        if spec is not None and spec.submodule_search_locations:
+            prefixes.extend(os.path.join(d, "") for d in spec.submodule_search_locations)
+    return tuple(prefixes)
+
+
+def _is_launcher(frame: FrameType) -> bool:
+    """A project's ``manage.py``: it only hands off to Django, the user's line is further in."""
+    return (
+        os.path.basename(frame.f_code.co_filename) == "manage.py"
+        and frame.f_globals.get("__name__") == "__main__"
+    )
 
 
 def caller() -> tuple[str, int, dict[str, Any]]:
-    """File, line and globals of the first frame outside Celery, kombu, aftercommit and Django."""
-    frame = sys._getframe(1)
-    last = frame
+    """File, line and globals of the user's code: the first frame outside Celery, kombu,
+    aftercommit and Django (a ``<string>`` or ``<stdin>`` one too), skipping ``manage.py``."""
+    internal = _internal_prefixes()
+    frame: FrameType | None = sys._getframe(1)
+    launcher = outermost = None
     while frame is not None:
-        last = frame
-        if not _is_internal(frame.f_globals.get("__name__", "")):
-            break
-        frame = frame.f_back  # type: ignore[assignment]
-    return last.f_code.co_filename, last.f_lineno, last.f_globals
+        if not frame.f_code.co_filename.startswith(internal):
+            if not _is_launcher(frame):
+                return frame.f_code.co_filename, frame.f_lineno, frame.f_globals
+            launcher = launcher or frame
+        outermost = frame
+        frame = frame.f_back
+    found = launcher or outermost
+    assert found is not None  # this function's caller is a frame
+    return found.f_code.co_filename, found.f_lineno, found.f_globals
 
 
 def check(task_name: str) -> None:
@@ -131,16 +162,32 @@ def check(task_name: str) -> None:
     )
     if current == "raise":
         raise UnsafeDispatchError(message)
-    registry = module_globals.setdefault("__warningregistry__", {})
-    warnings.warn_explicit(
-        message,
-        UnsafeDispatchWarning,
-        filename,
-        lineno,
-        module=module_globals.get("__name__"),
-        registry=registry,
-        module_globals=module_globals,
-    )
+    _warn(message, filename, lineno, module_globals)
+
+
+def _warn(message: str, filename: str, lineno: int, module_globals: dict[str, Any]) -> None:
+    """Warn at the user's line. Never raises into the caller, except the warning itself when the
+    user made warnings errors (``-W error``, ``filterwarnings``).
+
+    ``warn_explicit(module_globals=...)`` asks the module's loader for the source and lets its
+    ImportError out when ``__main__`` cannot be served that way (``python -c``, ``python -``,
+    ``python -m``): the source line is only a nicety, so linecache is offered the loader and
+    reads the file itself, catching what the loader raises.
+    """
+    try:
+        linecache.lazycache(filename, module_globals)
+        warnings.warn_explicit(
+            message,
+            UnsafeDispatchWarning,
+            filename,
+            lineno,
+            module=module_globals.get("__name__"),
+            registry=module_globals.setdefault("__warningregistry__", {}),
+        )
+    except Warning:
+        raise
+    except Exception:
+        logger.warning("%s", message, exc_info=True)
 
 
 def install(app: Any) -> None:

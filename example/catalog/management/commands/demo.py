@@ -20,14 +20,30 @@ from catalog.seed import seed
 
 
 class Command(BaseCommand):
-    help = "Create the database, a superuser and sample data, then run web, worker and relay."
+    help = (
+        "Create the database, a superuser and sample data, then run the web server and a Celery "
+        "worker (which relays the outbox by itself)."
+    )
 
     def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument("--products", type=int, default=100_000)
         parser.add_argument("--port", type=int, default=8000)
         parser.add_argument("--password", help="The superuser's password (default: random).")
+        parser.add_argument(
+            "--relay",
+            action="store_true",
+            help="Also run `manage.py aftercommit relay` apart (the worker relays without it).",
+        )
 
-    def handle(self, *args: Any, products: int, port: int, password: str | None, **kw: Any) -> None:
+    def handle(
+        self,
+        *args: Any,
+        products: int,
+        port: int,
+        password: str | None,
+        relay: bool,
+        **kw: Any,
+    ) -> None:
         db = settings.DATABASES["default"]
         self.stdout.write(f"database: {db['ENGINE'].rsplit('.', 1)[-1]} {db['NAME']}")
         self.stdout.write(f"broker:   {settings.BROKER_URL}")
@@ -54,13 +70,14 @@ class Command(BaseCommand):
         children: list[processes.Child] = []
         try:
             children.append(processes.start_worker())
-            children.append(processes.start_relay())
+            if relay:
+                children.append(processes.start_relay())
             children.append(processes.start_web(port))
             self.stdout.write(f"logs in {settings.STATE_DIR / 'logs'}")
             self.stdout.write(
                 self.style.SUCCESS(f"admin: http://127.0.0.1:{port}/admin/catalog/brand/")
             )
-            self.stdout.write("Ctrl-C stops the web server, the worker and the relay.")
+            self.stdout.write(f"Ctrl-C stops {', '.join(child.name for child in children)}.")
             self.stdout.flush()
             while all(child.alive() for child in children):
                 time.sleep(0.5)

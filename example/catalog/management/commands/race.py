@@ -41,7 +41,12 @@ class Command(BaseCommand):
             "--no-processes",
             dest="start_processes",
             action="store_false",
-            help="use a worker and relay already running (e.g. the demo's)",
+            help="use a worker already running (e.g. the demo's)",
+        )
+        parser.add_argument(
+            "--relay",
+            action="store_true",
+            help="also start `manage.py aftercommit relay` apart (the worker relays without it)",
         )
         parser.add_argument("--mode", action="append", choices=list(MODES), dest="modes")
 
@@ -57,6 +62,7 @@ class Command(BaseCommand):
             products=options["products"],
             broker_outage=options["broker_outage"],
             start_processes=options["start_processes"],
+            relay=options["relay"],
             modes=modes or list(MODES),
             log=self.stderr.write,
         )
