@@ -334,7 +334,7 @@ def measure_relay(alias: str) -> dict[str, Any]:
         .values_list("sent_at", flat=True)[PURGE_BATCH : PURGE_BATCH + 1]
     )
     now = database_now(alias)
-    older_than = (now - oldest[0]).total_seconds() if oldest else 0.0
+    older_than = (now - oldest[0]).total_seconds() if oldest and oldest[0] else 0.0
     purge_ms: list[float] = []
     for _ in range(PURGE_RUNS):
         with transaction.atomic(using=alias):

@@ -55,7 +55,11 @@ def manage(*args: str) -> list[str]:
     return [sys.executable, str(EXAMPLE_DIR / "manage.py"), *args]
 
 
-def start_worker(name: str = "worker", concurrency: int = 4, **env: str) -> Child:
+def start_worker(
+    name: str = "worker", concurrency: int = 4, env: dict[str, str] | None = None
+) -> Child:
+    """A Celery worker: it runs the tasks and, by default, relays the outbox too. ``env`` is added
+    to its environment (the race's outage points its publishing elsewhere)."""
     worker = Child(
         name,
         [

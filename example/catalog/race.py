@@ -318,7 +318,7 @@ def race(
             # the outage), its consumer reads the broker directly.
             producer_env = outage.producer_env if outage else {}
             log("starting a worker" + (" and a relay" if relay else ""))
-            children.append(processes.start_worker("race-worker", **producer_env))
+            children.append(processes.start_worker("race-worker", env=producer_env))
             if relay:
                 children.append(processes.start_relay("race-relay", **producer_env))
         results = []
