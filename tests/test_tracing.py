@@ -152,16 +152,18 @@ def test_restore__the_publish_raises__propagates_and_context_restored(registered
     assert getattr(_current, "standin", None) is None
 
 
-def test_restore__not_captures_json__warns_and_publishes_without_context(
-    registered: Any, caplog: pytest.LogCaptureFixture
+@pytest.mark.parametrize("stored", ["not json", "[1]", '{"standin": "x"}', 42])
+def test_restore__not_what_capture_returns__warns_and_publishes_without_context(
+    registered: Any, caplog: pytest.LogCaptureFixture, stored: Any
 ) -> None:
     standin = registered(StandIn())
     ran = False
-    with tracing.restore("not json"):
+    with tracing.restore(stored):
         ran = True
     assert ran
     assert standin.restored == [{}]
-    assert "not the JSON object tracing.capture() returns" in caplog.text
+    if stored != '{"standin": "x"}':  # valid JSON, only its carrier is unusable
+        assert "not the JSON object tracing.capture() returns" in caplog.text
 
 
 # The real SDKs ------------------------------------------------------------------------------------

@@ -152,7 +152,7 @@ def _parse(captured: str) -> dict[str, dict[str, str]]:
         return {}
     try:
         carriers = json.loads(captured)
-    except ValueError:
+    except (TypeError, ValueError):
         carriers = None
     if not isinstance(carriers, dict):
         logger.warning(
