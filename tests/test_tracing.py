@@ -337,10 +337,11 @@ def test_task_sent_from_another_thread_inside_restore__runs_in_the_requests_trac
     tracing_worker: tuple[Process, str, Path], out: Path
 ) -> None:
     _, queue, worker_out = tracing_worker
-    # TODO(issue 11, relay): send through aftercommit once the relay lands: in each request,
-    # `traced.delay(label)` inside `transaction.atomic()`, and let the relay (the worker's
-    # bootstep, then `manage.py aftercommit relay`) publish; the assertions stay as they are.
-    # Today the sender does by hand what the relay will do: restore() around the publish.
+    # TODO(issue 11, relay): send through aftercommit once the relay lands: in each request of
+    # tests/tracing_app.py's play_requests(), `traced.delay(label)` inside `transaction.atomic()`
+    # (the sender then needs _subprocess_env(broker) for the test databases' names), and let the
+    # tracing worker's relay bootstep publish; the assertions stay as they are. Today a thread
+    # of the sender does by hand what the relay will do: restore() around each publish.
     result = _run_sender(out, queue, "--via", "send_task_message")
     otel, sentry = _worker_runs(worker_out, result["requests"])
     for request in result["requests"]:
@@ -360,8 +361,10 @@ def test_task_relayed_by_another_process__runs_in_the_requests_trace(
     tracing_worker: tuple[Process, str, Path], out: Path
 ) -> None:
     _, queue, worker_out = tracing_worker
-    # TODO(issue 11, relay): dispatch through aftercommit and relay with `manage.py aftercommit
-    # relay` (its process set up with tests/tracing_app.py's set_up_tracers("relay")).
+    # TODO(issue 11, relay): dispatch through aftercommit (as above) and publish with
+    # `manage.py aftercommit relay` instead of --relay-from, its process set up with
+    # tests/tracing_app.py's set_up_tracers("relay") (say, from the test settings when
+    # TRACING_ROLE=relay), and the tracing worker's own relay switched off.
     outbox = out / "outbox.json"
     result = _run_sender(out, queue, "--dispatch-to", str(outbox))
     _run_app(out, queue, "--relay-from", str(outbox))
