@@ -49,8 +49,9 @@ Another tracer plugs in with :func:`register`::
 
     tracing.register(MyTracer())
 
-A tracer whose Celery integration does not hook Celery's publish signals can connect its own
-``before_task_publish`` receiver and add its headers to the message there, as ``sentry`` does.
+``tracing.unregister("otel")`` (or ``"sentry"``) turns a built-in off. A tracer whose Celery
+integration does not hook Celery's publish signals can connect its own ``before_task_publish``
+receiver and add its headers to the message there, as ``sentry`` does.
 """
 
 from __future__ import annotations
