@@ -1,6 +1,7 @@
 """A process with OpenTelemetry and Sentry set up as a user's app would, recording to local files
 only: the tracing tests' worker (``celery -A tests.tracing_app worker``) and their sender
-(``python -m tests.tracing_app``, which plays two web requests and a sending thread).
+(``python -m tests.tracing_app``, which plays two web requests and a sending thread, or a relay
+process publishing what they stored).
 
 Both SDKs patch Celery for the whole process and OpenTelemetry's provider can be set once, so they
 run here, in subprocesses, and never in the pytest process. Nothing leaves the machine: spans go
@@ -137,11 +138,46 @@ def publish(task_id: str, label: str, queue_name: str, via: str) -> None:
         app.amqp.send_task_message(producer, TASK, message, queue=queue_name)
 
 
-def send(queue_name: str, via: str, restored: bool, requests: int) -> dict[str, Any]:
-    """Play ``requests`` web requests that each dispatch one task, sent from one long-lived thread
-    started inside the first request (as aftercommit 0.1's publisher was): with ``restored``,
-    each publish runs inside ``tracing.restore()`` of the context its request captured."""
+def play_requests(requests: int, dispatched: Any, first_dispatch: Any = None) -> dict[str, Any]:
+    """Play ``requests`` web requests that each dispatch one task, then one dispatch outside any
+    request (a management command, say). ``dispatched(task_id, label, captured)`` runs after each
+    request, as a commit hook would; ``first_dispatch()`` inside the first request."""
     tracer = trace.get_tracer("tests.tracing_app")
+    seen = []
+    for n in range(1, requests + 1):
+        label = f"request-{n}"
+        task_id = str(uuid.uuid4())
+        with (
+            sentry_sdk.isolation_scope(),  # as Sentry's WSGI middleware does per request
+            sentry_sdk.start_transaction(op="http.server", name=f"GET /{label}") as transaction,
+            tracer.start_as_current_span(f"GET /{label}", kind=trace.SpanKind.SERVER) as span,
+        ):
+            captured = tracing.capture()
+            if n == 1 and first_dispatch is not None:
+                first_dispatch()
+            context = span.get_span_context()
+            seen.append(
+                {
+                    "label": label,
+                    "task_id": task_id,
+                    "captured": captured,
+                    "otel_trace_id": f"{context.trace_id:032x}",
+                    "otel_span_id": f"{context.span_id:016x}",
+                    "sentry_trace_id": transaction.trace_id,
+                    "sentry_span_id": transaction.span_id,
+                }
+            )
+        dispatched(task_id, label, captured)  # after the request: after its commit
+    # Sent right after the last request's: it must not land in that trace.
+    outside = {"label": "outside", "task_id": str(uuid.uuid4()), "captured": tracing.capture()}
+    dispatched(outside["task_id"], outside["label"], outside["captured"])
+    return {"requests": seen, "outside": outside}
+
+
+def send(queue_name: str, via: str, restored: bool, requests: int) -> dict[str, Any]:
+    """The requests' tasks sent from one long-lived thread started inside the first request (as
+    aftercommit 0.1's publisher was): with ``restored``, each publish runs inside
+    ``tracing.restore()`` of the context its request captured."""
     outbox: queue.Queue[tuple[str, str, str] | None] = queue.Queue()
     errors: list[BaseException] = []
 
@@ -156,44 +192,23 @@ def send(queue_name: str, via: str, restored: bool, requests: int) -> dict[str, 
             finally:
                 outbox.task_done()
 
-    thread: threading.Thread | None = None
-    seen = []
-    for n in range(1, requests + 1):
-        label = f"request-{n}"
-        task_id = str(uuid.uuid4())
-        with (
-            sentry_sdk.isolation_scope(),  # as Sentry's WSGI middleware does per request
-            sentry_sdk.start_transaction(op="http.server", name=f"GET /{label}") as transaction,
-            tracer.start_as_current_span(f"GET /{label}", kind=trace.SpanKind.SERVER) as span,
-        ):
-            captured = tracing.capture()
-            if thread is None:
-                thread = threading.Thread(target=sender, daemon=True)
-                thread.start()
-            context = span.get_span_context()
-            seen.append(
-                {
-                    "label": label,
-                    "task_id": task_id,
-                    "captured": captured,
-                    "otel_trace_id": f"{context.trace_id:032x}",
-                    "otel_span_id": f"{context.span_id:016x}",
-                    "sentry_trace_id": transaction.trace_id,
-                    "sentry_span_id": transaction.span_id,
-                }
-            )
-        # Sent after the request: after its commit.
+    def dispatched(task_id: str, label: str, captured: str) -> None:
         outbox.put((task_id, label, captured))
         outbox.join()
-    # And one dispatched outside any request (a management command, say), sent next by the same
-    # thread: it must not land in the trace of the message sent before it.
-    outside = {"label": "outside", "task_id": str(uuid.uuid4()), "captured": tracing.capture()}
-    outbox.put((outside["task_id"], outside["label"], outside["captured"]))
-    outbox.join()
+
+    thread = threading.Thread(target=sender, daemon=True)
+    result = play_requests(requests, dispatched, first_dispatch=thread.start)
     outbox.put(None)
     if errors:
         raise errors[0]
-    return {"requests": seen, "outside": outside}
+    return result
+
+
+def relay(outbox_path: Path, queue_name: str) -> None:
+    """What the relay does in its own process: each stored message published inside restore()."""
+    for task_id, label, captured in json.loads(outbox_path.read_text()):
+        with tracing.restore(captured):
+            publish(task_id, label, queue_name, "send_task_message")
 
 
 def purge(queue_name: str) -> None:
@@ -222,17 +237,30 @@ def read_back(queue_name: str, count: int) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--queue", required=True)
-    parser.add_argument("--via", choices=["send_task_message", "send_task"], required=True)
+    parser.add_argument("--via", choices=["send_task_message", "send_task"])
     parser.add_argument("--bare", action="store_true", help="publish without tracing.restore()")
     parser.add_argument("--requests", type=int, default=2)
     parser.add_argument("--read-back", action="store_true", help="consume the messages after")
+    parser.add_argument(
+        "--dispatch-to", type=Path, help="store the dispatches in this file, publish nothing"
+    )
+    parser.add_argument("--relay-from", type=Path, help="publish the dispatches stored there")
     args = parser.parse_args(argv)
+    if args.relay_from:
+        set_up_tracers("relay")
+        relay(args.relay_from, args.queue)
+        return
     set_up_tracers("sender")
-    if args.read_back:
-        purge(args.queue)
-    result = send(args.queue, args.via, not args.bare, args.requests)
-    if args.read_back:
-        result["messages"] = read_back(args.queue, args.requests + 1)
+    if args.dispatch_to:
+        stored: list[tuple[str, str, str]] = []
+        result = play_requests(args.requests, lambda *row: stored.append(row))
+        args.dispatch_to.write_text(json.dumps(stored))
+    else:
+        if args.read_back:
+            purge(args.queue)
+        result = send(args.queue, args.via, not args.bare, args.requests)
+        if args.read_back:
+            result["messages"] = read_back(args.queue, args.requests + 1)
     (OUT / "sender-result.json").write_text(json.dumps(result, default=str))
 
 

@@ -49,8 +49,9 @@ Another tracer plugs in with :func:`register`::
 
     tracing.register(MyTracer())
 
-A tracer whose Celery integration does not hook Celery's publish signals can connect its own
-``before_task_publish`` receiver and add its headers to the message there, as ``sentry`` does.
+``tracing.unregister("otel")`` (or ``"sentry"``) turns a built-in off. A tracer whose Celery
+integration does not hook Celery's publish signals can connect its own ``before_task_publish``
+receiver and add its headers to the message there, as ``sentry`` does.
 """
 
 from __future__ import annotations
@@ -152,7 +153,7 @@ def _parse(captured: str) -> dict[str, dict[str, str]]:
         return {}
     try:
         carriers = json.loads(captured)
-    except ValueError:
+    except (TypeError, ValueError):
         carriers = None
     if not isinstance(carriers, dict):
         logger.warning(
