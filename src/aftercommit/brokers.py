@@ -132,7 +132,8 @@ class Sender:
             transport = connection.transport
         except Exception as exc:  # the transport cannot even load: not an outage
             raise SetupError(f"{type(exc).__name__}: {exc}") from exc
-        errors = (*connection.connection_errors, OSError, TimeoutError)
+        # kombu raises its OperationalError when ensure_connection gives up: an outage too.
+        errors = (*self.outage_errors, *connection.connection_errors)
         try:
             connection.ensure_connection(max_retries=1)
             producer = self.app.amqp.Producer(connection, auto_declare=False)
