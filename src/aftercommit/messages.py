@@ -22,7 +22,7 @@ from celery.utils.time import subtract_datetimes
 from dateutil.parser import isoparse
 from kombu import Exchange
 
-from .dispatch import decode_arguments, decode_options
+from .dispatch import ARGS_LIST, decode_arguments, decode_options
 
 if TYPE_CHECKING:
     from celery import Celery
@@ -77,6 +77,8 @@ class Builder:
         args, kwargs = decode_arguments(row, app)
         options = decode_options(row)
         call = {key: options.pop(key, None) for key in _CALL_ARGUMENTS}
+        if not options.pop(ARGS_LIST, False):
+            args = tuple(args)  # as the caller gave them (delay() and most calls: a tuple)
         task_type = app.tasks.get(name)
         options = self.amqp.router.route(
             options, call["route_name"] or name, args, kwargs, task_type
@@ -86,12 +88,15 @@ class Builder:
             self._delay_natively(options, countdown, eta)
         if expires is not None and self.expiration:
             options["expiration"] = self._expiration(expires)
-        argsrepr = options.pop("argsrepr", None)
-        kwargsrepr = options.pop("kwargsrepr", None)
-        if argsrepr is None:
-            argsrepr = saferepr(args, self.argsrepr_maxsize, maxlevels=self.repr_levels)
-        if kwargsrepr is None:
-            kwargsrepr = saferepr(kwargs, self.kwargsrepr_maxsize, maxlevels=self.repr_levels)
+        # Computed here, once per batch's settings, unless the call gave them (then they stay in
+        # the options, which Celery also passes on to the publish).
+        reprs = {}
+        if options.get("argsrepr") is None:
+            reprs["argsrepr"] = saferepr(args, self.argsrepr_maxsize, maxlevels=self.repr_levels)
+        if options.get("kwargsrepr") is None:
+            reprs["kwargsrepr"] = saferepr(
+                kwargs, self.kwargsrepr_maxsize, maxlevels=self.repr_levels
+            )
         message = self.amqp.create_task_message(
             row.task_id, name, args, kwargs, countdown, eta, call["group_id"],
             call["group_index"], expires, call["retries"] or 0, call["chord"],
@@ -100,7 +105,7 @@ class Builder:
             call["parent_id"], call["shadow"], call["chain"],
             ignore_result=bool(call["ignore_result"]),
             replaced_task_nesting=call["replaced_task_nesting"] or 0,
-            argsrepr=argsrepr, kwargsrepr=kwargsrepr, origin=self.origin, **options,
+            origin=self.origin, **reprs, **options,
         )  # fmt: skip
         for stamp in options.pop("stamped_headers", None) or ():
             options.pop(stamp, None)
