@@ -74,11 +74,13 @@ class Builder:
     def build(self, row: OutboxMessage) -> Outgoing:
         app = self.app
         name = row.task_name
-        args, kwargs = decode_arguments(row, app)
+        decoded, kwargs = decode_arguments(row, app)
         options = decode_options(row)
         call = {key: options.pop(key, None) for key in _CALL_ARGUMENTS}
-        if not options.pop(ARGS_LIST, False):
-            args = tuple(args)  # as the caller gave them (delay() and most calls: a tuple)
+        # As the caller gave them: delay() and most calls give a tuple, which JSON cannot tell.
+        args: tuple[Any, ...] | list[Any] = (
+            decoded if options.pop(ARGS_LIST, False) else tuple(decoded)
+        )
         task_type = app.tasks.get(name)
         options = self.amqp.router.route(
             options, call["route_name"] or name, args, kwargs, task_type
