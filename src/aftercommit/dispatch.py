@@ -172,13 +172,15 @@ def _content_types(names: frozenset[str]) -> frozenset[str]:
 
 
 def decode_arguments(
-    message: OutboxMessage, app: Celery | None = None
+    message: OutboxMessage, app: Celery | None = None, *, accept: frozenset[str] | None = None
 ) -> tuple[list[Any], dict[str, Any]]:
-    """The row's (args, kwargs); ``ContentDisallowed`` for a content type outside the allow-list."""
+    """The row's (args, kwargs); ``ContentDisallowed`` for a content type outside the allow-list
+    (``allowed_content_types(app)``, or ``accept`` when the caller already read it)."""
     data: str | bytes = message.payload
     if message.content_encoding == BINARY:
         data = base64.b64decode(data)
-    accept = allowed_content_types(app)
+    if accept is None:
+        accept = allowed_content_types(app)
     if message.content_type not in accept:
         raise ContentDisallowed(
             f"refusing to decode content type {message.content_type!r}; allowed: "

@@ -22,7 +22,7 @@ from celery.utils.time import subtract_datetimes
 from dateutil.parser import isoparse
 from kombu import Exchange
 
-from .dispatch import ARGS_LIST, decode_arguments, decode_options
+from .dispatch import ARGS_LIST, allowed_content_types, decode_arguments, decode_options
 
 if TYPE_CHECKING:
     from celery import Celery
@@ -67,6 +67,7 @@ class Builder:
         self.argsrepr_maxsize = self.amqp.argsrepr_maxsize
         self.kwargsrepr_maxsize = self.amqp.kwargsrepr_maxsize
         self.origin = anon_nodename()
+        self.accept = allowed_content_types(app)
         self._quorum: bool | None = None
         # Celery 5.5+ also gives a message with an expiry an AMQP expiration (seconds).
         self.expiration = detect_quorum_queues is not None
@@ -74,7 +75,7 @@ class Builder:
     def build(self, row: OutboxMessage) -> Outgoing:
         app = self.app
         name = row.task_name
-        decoded, kwargs = decode_arguments(row, app)
+        decoded, kwargs = decode_arguments(row, accept=self.accept)
         options = decode_options(row)
         call = {key: options.pop(key, None) for key in _CALL_ARGUMENTS}
         # As the caller gave them: delay() and most calls give a tuple, which JSON cannot tell.
