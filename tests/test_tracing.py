@@ -282,6 +282,19 @@ def test_publish_in_another_thread_without_restore__trace_broken(
         assert [h.get("sentry-trace") for h in inner] == [None, None]
 
 
+@pytest.mark.services
+@pytest.mark.parametrize("restored", [True, False], ids=["restore", "bare"])
+def test_publish_refused_inside_restore__its_span_does_not_stay_current(
+    broker: Broker, out: Path, restored: bool
+) -> None:
+    """OpenTelemetry's instrumentation leaves its PRODUCER span current in the sending thread
+    when the publish fails (after_task_publish never comes), so the relay's next messages would
+    become its children; restore() puts the thread's context back. Bare: the leak itself."""
+    args = ["--refused-publish"] + ([] if restored else ["--bare"])
+    result = _run_sender(out, READ_BACK_QUEUE, *args)
+    assert result["span_left_current"] is not restored
+
+
 # End to end, with a worker ------------------------------------------------------------------------
 
 

@@ -204,6 +204,26 @@ def send(queue_name: str, via: str, restored: bool, requests: int) -> dict[str, 
     return result
 
 
+def refused_publish(queue_name: str, restored: bool) -> dict[str, Any]:
+    """A publish that fails between Celery's before_task_publish and after_task_publish signals
+    (a broker outage): is the PRODUCER span OpenTelemetry started still current afterwards?"""
+    with trace.get_tracer("tests.tracing_app").start_as_current_span("GET /refused"):
+        captured = tracing.capture()
+
+    def refuse(*args: Any, **kwargs: Any) -> None:
+        raise ConnectionError("the broker refused the message")
+
+    with app.producer_or_acquire() as producer:
+        producer.publish = refuse
+        message = app.amqp.create_task_message(str(uuid.uuid4()), TASK, ("refused",), {})
+        with (
+            contextlib.suppress(ConnectionError),
+            tracing.restore(captured) if restored else contextlib.nullcontext(),
+        ):
+            app.amqp.send_task_message(producer, TASK, message, queue=queue_name, retry=False)
+    return {"span_left_current": trace.get_current_span().get_span_context().is_valid}
+
+
 def relay(outbox_path: Path, queue_name: str) -> None:
     """What the relay does in its own process: each stored message published inside restore()."""
     for task_id, label, captured in json.loads(outbox_path.read_text()):
@@ -245,7 +265,13 @@ def main(argv: list[str] | None = None) -> None:
         "--dispatch-to", type=Path, help="store the dispatches in this file, publish nothing"
     )
     parser.add_argument("--relay-from", type=Path, help="publish the dispatches stored there")
+    parser.add_argument("--refused-publish", action="store_true", help="see refused_publish()")
     args = parser.parse_args(argv)
+    if args.refused_publish:
+        set_up_tracers("sender")
+        result = refused_publish(args.queue, not args.bare)
+        (OUT / "sender-result.json").write_text(json.dumps(result))
+        return
     if args.relay_from:
         set_up_tracers("relay")
         relay(args.relay_from, args.queue)
