@@ -358,18 +358,6 @@ def _worker_runs(worker_out: Path, requests: list[dict[str, Any]]) -> tuple[dict
     return found
 
 
-# TODO(lead): remove once dispatch.py is fixed. dispatch.accepted_options() reads the signature of
-# kombu's Producer.publish, which sentry-sdk's Celery integration replaces with
-# sentry_publish(self, *args, **kwargs) (no functools.wraps): in a process where Sentry is set up
-# before the first dispatch (settings.py, as its docs say), every dispatch raises DispatchError
-# "unknown option(s) immediate, mandatory", the send options Celery's apply_async always passes.
-SENTRY_BREAKS_DISPATCH = pytest.mark.xfail(
-    strict=True,
-    reason="with sentry-sdk's Celery integration every dispatch raises DispatchError "
-    "(dispatch.accepted_options reads Producer.publish's patched signature)",
-)
-
-
 def _assert_in_the_requests_traces(
     result: dict[str, Any],
     otel: dict[str, Any],
@@ -413,7 +401,6 @@ def _producers(out: Path, role: str) -> dict[str | None, dict[str, Any]]:
 
 @pytest.mark.services
 @pytest.mark.django_db(transaction=True, databases=["default", "other"])  # the outbox
-@SENTRY_BREAKS_DISPATCH
 def test_task_dispatched_in_a_request__the_workers_relay_sends_it__runs_in_the_requests_trace(
     broker: Broker, tracing_worker: Any, out: Path
 ) -> None:
@@ -431,7 +418,6 @@ def test_task_dispatched_in_a_request__the_workers_relay_sends_it__runs_in_the_r
 
 @pytest.mark.services
 @pytest.mark.django_db(transaction=True, databases=["default", "other"])  # the outbox
-@SENTRY_BREAKS_DISPATCH
 def test_task_dispatched_in_a_request__relay_command_sends_it__runs_in_the_requests_trace(
     broker: Broker, tracing_worker: tuple[Process, str, Path], out: Path
 ) -> None:
