@@ -29,9 +29,8 @@ def eager() -> Iterator[None]:
 
 
 def test_eager__capture_sees_the_dispatch(eager, token) -> None:  # type: ignore[no-untyped-def]
-    with capture() as captured, commit():
-        with transaction.atomic():
-            read_item.delay(token, None, 7)
+    with capture() as captured, commit(), transaction.atomic():
+        read_item.delay(token, None, 7)
     captured.assert_dispatched(read_item, [token, None, 7], count=1)
     captured.assert_not_dispatched(plain_read_item)
     assert TaskRun.objects.filter(token=token).count() == 1  # it ran, at the commit

@@ -1,6 +1,6 @@
 """A broker that cannot be used as configured is a setup error, not an outage: the relay says so
 loudly, and ``aftercommit status``, the health view and ``check --database`` name it, while the
-messages wait without using attempts. (0.1 logged "broker unreachable", or a failed batch, forever.)"""
+messages wait without using attempts. (0.1 logged "broker unreachable" forever.)"""
 
 from __future__ import annotations
 

@@ -67,7 +67,9 @@ def test_planted_pickle__relay_makes_it_a_dead_letter_at_once_without_loading_it
     assert "ContentDisallowed" in row.last_error and "python-serialize" in row.last_error
 
 
-def test_planted_pickle__admin_payload_view_shows_an_error_not_the_data(admin_client, marker) -> None:  # type: ignore[no-untyped-def]
+def test_planted_pickle__admin_payload_view_shows_an_error_not_the_data(  # type: ignore[no-untyped-def]
+    admin_client, marker
+) -> None:
     row = planted(marker)
     response = admin_client.get(f"/admin/aftercommit/outboxmessage/{row.pk}/change/payload/")
     assert response.status_code == 200
