@@ -78,7 +78,7 @@ def test_purge_in_progress__a_new_message_is_sent_at_once(token, start_relay, ca
     with capsys.disabled():
         print(f"\npurging {EXPIRED} rows: first send {first_send:.3f}s, {left} rows still to purge")
     assert left > 0  # the purge is still going on
-    assert first_send < 1.0  # one bounded purge step at most, not the whole purge (0.1: 2.6 s)
+    assert first_send < 1.5  # one bounded purge step at most, not the whole purge (0.1: 2.6 s)
 
 
 def test_sigterm_while_purging__relay_stops_at_once(start_relay) -> None:  # type: ignore[no-untyped-def]
