@@ -29,10 +29,11 @@ from .dispatch import decode_arguments, decode_options
 from .models import OutboxMessage, Status
 
 PAYLOAD_PERMISSION = "aftercommit.view_payload"
-_DOTTED_NAME = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)+")
 # What the view permission alone must not reveal: the arguments, the send options, the trace.
 PRIVATE_FIELDS = ("payload", "options", "trace")
 PROTECTED_ACTIONS = {"retry_dead_letters": "retry", "discard_dead_letters": "discard"}
+# What a task name looks like (``app.tasks.sync_brand``); a task id rarely does.
+_DOTTED_NAME = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)+")
 
 
 def _age(since: dt.datetime | None) -> str:
