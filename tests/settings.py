@@ -128,6 +128,9 @@ CELERY_TASK_IGNORE_RESULT = True
 if BROKER_URL.startswith("redis"):
     CELERY_RESULT_BACKEND = BROKER_URL
     CELERY_RESULT_EXPIRES = 600
+# A test module may start its worker with another result backend (e.g. rpc://).
+if os.environ.get("AFTERCOMMIT_TEST_RESULT_BACKEND"):
+    CELERY_RESULT_BACKEND = os.environ["AFTERCOMMIT_TEST_RESULT_BACKEND"]
 # The benchmarks use their own queue, so a test run beside them cannot take their messages.
 CELERY_TASK_DEFAULT_QUEUE = os.environ.get("AFTERCOMMIT_TEST_QUEUE", "celery")
 CELERY_WORKER_HIJACK_ROOT_LOGGER = False

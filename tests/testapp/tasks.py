@@ -71,3 +71,16 @@ def fan_out(self: celery.Task, token: str, count: int) -> None:
     with transaction.atomic():
         for i in range(count):
             read_item.delay(token, None, i)
+
+
+def replaced_by_read_item(self: celery.Task, token: str) -> None:
+    """Records its own run, then hands over to read_item with Celery's ``replace()``, which gives
+    the replacement this task's id (and the rest of a chain this task was part of)."""
+    _record(self, token, None, 0)
+    raise self.replace(read_item.si(token, None, 1))
+
+
+@shared_task
+def add(x: int, y: int) -> int:
+    """Returns a result, for the result backend tests."""
+    return x + y
