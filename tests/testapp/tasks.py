@@ -8,7 +8,7 @@ import time
 import celery
 from celery import shared_task
 
-from .models import Item, TaskRun
+from .models import Item, ReplicaItem, TaskRun
 
 
 def _record(task: celery.Task, token: str, item_id: int | None, expected: int | None) -> None:
@@ -61,3 +61,27 @@ def slow_read(self: celery.Task, token: str, seconds: float = 3.0) -> None:
     _record(self, token, None, None)
     if first:
         time.sleep(seconds)
+
+
+@shared_task(bind=True)
+def read_replica_item(
+    self: celery.Task, token: str, item_id: int, expected: int, retry: bool = False
+) -> None:
+    """Reads through the routers, which prefer the replica; records where the read went and the
+    log position the message carried. With ``retry``, the first run retries once."""
+    if retry and not self.request.retries:
+        raise self.retry(countdown=0)
+    reads = ReplicaItem.objects.filter(pk=item_id)
+    alias = reads.db
+    seen = reads.values_list("version", flat=True).first()
+    req = self.request
+    TaskRun.objects.create(
+        token=token,
+        task_id=req.id,
+        item_id=item_id,
+        expected_version=expected,
+        seen_version=seen,
+        started_at=time.time(),
+        priority=req.retries,
+        headers=json.dumps({"read_from": alias, "lsn": getattr(req, "aftercommit_lsn", None)}),
+    )
