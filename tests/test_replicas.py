@@ -16,7 +16,7 @@ from collections.abc import Iterator
 import pytest
 from django.conf import settings
 from django.core import checks as django_checks
-from django.db import connections, transaction
+from django.db import OperationalError, connections, transaction
 from django.test import override_settings
 
 from aftercommit import replicas
@@ -138,6 +138,21 @@ def test_wait__a_recent_answer_at_or_past_the_position_costs_no_query(
         assert asked == ["other"]  # the second one was answered from the first
         assert replicas.wait({"default": "0/101"}, timeout=0.05) == frozenset({"other"})
         assert replicas.wait({"nowhere": "0/101"}) == frozenset()  # no listed replica of it
+
+
+def test_wait__a_replica_that_cannot_be_reached_is_stale_at_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def ask(alias: str) -> int:
+        raise OperationalError("connection refused")
+
+    monkeypatch.setattr(replicas.replayed, "ask", ask)
+    monkeypatch.setattr(replicas.replayed, "seen", {})
+    monkeypatch.setattr(replicas, "configuration_problem", lambda alias: None)
+    with override_settings(AFTERCOMMIT={"REPLICAS": ["other"], "REPLICA_WAIT": 30.0}):
+        started = time.monotonic()
+        assert replicas.wait({"default": "0/80"}) == frozenset({"other"})
+    assert time.monotonic() - started < 5
 
 
 @contextlib.contextmanager

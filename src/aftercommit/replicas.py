@@ -17,6 +17,7 @@ already uses for replicas), else to the ``default`` database.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import threading
 import time
@@ -55,6 +56,14 @@ def primary_of(alias: str) -> str:
     """The database a replica copies: its ``TEST["MIRROR"]``, else ``default``."""
     test = connections.settings[alias].get("TEST") or {}
     return test.get("MIRROR") or DEFAULT_DB_ALIAS
+
+
+def is_replica(alias: str) -> bool:
+    """A listed replica, or an alias with a ``TEST["MIRROR"]`` (a replica by Django's own
+    convention, listed or not): never migrated, never relayed from."""
+    return alias in settings.REPLICAS or bool(
+        (connections.settings[alias].get("TEST") or {}).get("MIRROR")
+    )
 
 
 def replicas_of(primary: str) -> list[str]:
@@ -201,7 +210,12 @@ class _Replayed:
         connection = mine.get(alias)
         if connection is None:
             template = connections[alias]
-            connection = type(template)(dict(template.settings_dict), alias)
+            options = dict(template.settings_dict.get("OPTIONS") or {})
+            # A replica that does not answer must cost a task about REPLICA_WAIT, not the
+            # system's TCP timeout (minutes).
+            options.setdefault("connect_timeout", max(1, math.ceil(settings.REPLICA_WAIT)))
+            settings_dict = {**template.settings_dict, "OPTIONS": options}
+            connection = type(template)(settings_dict, alias)
             mine[alias] = connection
         return connection
 
@@ -227,22 +241,25 @@ def wait(needed: Mapping[str, str], timeout: float | None = None) -> frozenset[s
         return frozenset()
     deadline = time.monotonic() + (settings.REPLICA_WAIT if timeout is None else timeout)
     pause = _POLL_FIRST
+    unreachable: set[str] = set()  # no point waiting for these: stale for this task
     while True:
         still = []
         for alias, lsn in pending:
             try:
-                caught_up = replayed.ask(alias) >= lsn
+                if replayed.ask(alias) >= lsn:
+                    continue
             except DatabaseError as exc:
-                logger.warning("replica %r cannot be checked (%s); reading from its primary", alias,
-                               exc)  # fmt: skip
-                caught_up = False
-                deadline = 0.0  # no point waiting for a replica we cannot reach
-            if not caught_up:
-                still.append((alias, lsn))
+                logger.warning(
+                    "replica %r cannot be checked (%s); this task reads from its primary", alias,
+                    exc,
+                )  # fmt: skip
+                unreachable.add(alias)
+                continue
+            still.append((alias, lsn))
         pending = still
         left = deadline - time.monotonic()
         if not pending or left <= 0:
-            return frozenset(alias for alias, _ in pending)
+            return frozenset(unreachable | {alias for alias, _ in pending})
         time.sleep(min(pause, left))
         pause = min(pause * 2, _POLL_MAX)
 
@@ -333,9 +350,7 @@ class ReplicaRouter:
         return chosen
 
     def allow_migrate(self, db: str, app_label: str, **hints: Any) -> bool | None:
-        if db in settings.REPLICAS or (connections.settings[db].get("TEST") or {}).get("MIRROR"):
-            return False
-        return None
+        return False if is_replica(db) else None
 
     def _others(self, method: str, model: type, hints: dict[str, Any]) -> str | None:
         for other in _after(self, router.routers):
