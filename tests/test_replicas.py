@@ -65,6 +65,21 @@ def test_carry__a_call_from_a_task_that_waited_needs_the_same_position() -> None
     assert plain == {"headers": {replicas.HEADER: {"default": "0/30"}}}
 
 
+@pytest.mark.django_db
+def test_a_call_from_a_task_that_waited__its_outbox_row_carries_the_position() -> None:
+    from aftercommit.dispatch import decode_options
+    from aftercommit.models import OutboxMessage
+
+    token = replicas._needed.set({"default": "0/30"})
+    try:
+        with transaction.atomic():
+            result = read_replica_item.apply_async(("carry", 1, 1), headers={"custom": "kept"})
+    finally:
+        replicas._needed.reset(token)
+    headers = decode_options(OutboxMessage.objects.get(task_id=result.id))["headers"]
+    assert headers == {"custom": "kept", replicas.HEADER: {"default": "0/30"}}
+
+
 def test_router__sends_a_stale_replicas_reads_to_its_primary_only_inside_that_task() -> None:
     class Chosen:
         def db_for_read(self, model: type, **hints: object) -> str:
@@ -204,7 +219,7 @@ def replica(django_db_setup: None, django_db_blocker) -> str:  # type: ignore[no
 
 
 @contextlib.contextmanager
-def worker_with(broker: Broker, overrides: dict[str, object]) -> Iterator[Process]:
+def worker_with(broker: Broker, overrides: dict[str, object], name: str) -> Iterator[Process]:
     """A Celery worker that relays, with these AFTERCOMMIT settings on top of the tests'."""
     env = {**_subprocess_env(broker), **broker.env}
     merged = json.loads(env.get("AFTERCOMMIT_TEST_SETTINGS", "{}"))
@@ -212,7 +227,7 @@ def worker_with(broker: Broker, overrides: dict[str, object]) -> Iterator[Proces
     argv = [sys.executable, "-m", "celery", "-A", "tests.celery_app", "worker", "-P", "threads",
             "-c", "4", "-l", "info", "--without-heartbeat", "--without-gossip",
             "--without-mingle", "-n", f"replicas-{os.getpid()}@%h"]  # fmt: skip
-    proc = Process("worker-replicas", argv, env)
+    proc = Process(f"worker-{name}", argv, env)
     try:
         wait_for(lambda: "ready." in proc.output() or proc.proc.poll() is not None, timeout=60)
         if proc.proc.poll() is not None:
@@ -258,9 +273,9 @@ def figures(runs: list[TaskRun]) -> tuple[int, int]:
 def test_lagging_replica__tasks_read_stale_rows_without_replicas_none_with_it(
     replica: str, broker: Broker, token: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    with worker_with(broker, {}):
+    with worker_with(broker, {}, "replicas-off"):
         plain_runs = admin_saves(f"{token}-plain")
-    with worker_with(broker, {"REPLICAS": [REPLICA]}):
+    with worker_with(broker, {"REPLICAS": [REPLICA]}, "replicas-on"):
         runs = admin_saves(f"{token}-replicas")
     plain_stale, plain_served = figures(plain_runs)
     stale, served = figures(runs)
@@ -284,7 +299,7 @@ def test_lagging_replica__tasks_read_stale_rows_without_replicas_none_with_it(
 def test_lagging_replica__a_retry_carries_the_position_and_reads_fresh_rows(
     replica: str, broker: Broker, token: str
 ) -> None:
-    with worker_with(broker, {"REPLICAS": [REPLICA]}):
+    with worker_with(broker, {"REPLICAS": [REPLICA]}, "replicas-retry"):
         runs = admin_saves(token, retry=True, saves=10)
     stale, _ = figures(runs)
     assert stale == 0
