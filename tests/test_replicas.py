@@ -251,8 +251,12 @@ def admin_saves(token: str, *, retry: bool = False, saves: int = SAVES) -> list[
             read_replica_item.delay(token, item.pk, item.version, retry)
             time.sleep(random.uniform(0, 0.010))
         COMMITTED[token, item.version] = time.time()
-    wait_for(lambda: TaskRun.objects.filter(token=token).count() >= saves, timeout=120)
-    return list(TaskRun.objects.filter(token=token))
+    # Generous: on a machine shared with other test runs the tasks have taken minutes.
+    with contextlib.suppress(AssertionError):
+        wait_for(lambda: TaskRun.objects.filter(token=token).count() >= saves, timeout=300)
+    runs = list(TaskRun.objects.filter(token=token))
+    assert len(runs) == saves, f"{len(runs)} of {saves} tasks ran within 300 s"
+    return runs
 
 
 def start_p50_ms(token: str, runs: list[TaskRun]) -> float:
