@@ -12,6 +12,7 @@ import random
 import sys
 import time
 from collections.abc import Iterator
+from types import SimpleNamespace
 
 import pytest
 from django.conf import settings
@@ -168,6 +169,17 @@ def test_wait__a_replica_that_cannot_be_reached_is_stale_at_once(
         started = time.monotonic()
         assert replicas.wait({"default": "0/80"}) == frozenset({"other"})
     assert time.monotonic() - started < 5
+
+
+def test_prerun__a_header_that_is_not_a_position_reads_from_the_primaries() -> None:
+    task = SimpleNamespace(name="t", request=SimpleNamespace(**{replicas.HEADER: {"default": "x"}}))
+    with override_settings(AFTERCOMMIT={"REPLICAS": ["other"]}):
+        replicas.on_task_prerun(task_id="1", task=task)
+        try:
+            assert replicas.stale_replicas() == frozenset({"other"})
+        finally:
+            replicas.on_task_postrun()
+    assert replicas.stale_replicas() == frozenset()
 
 
 @contextlib.contextmanager

@@ -288,10 +288,11 @@ def on_task_prerun(sender: Any = None, task_id: str | None = None, task: Any = N
     started = time.monotonic()
     try:
         stale = wait(needed)
-    except ImproperlyConfigured as exc:
-        # The relay refuses to stamp on such a setup, so this is a worker configured apart from
-        # it: read everything from the primaries rather than risk the replicas.
-        logger.error("%s", exc)
+    except (ImproperlyConfigured, ValueError, TypeError, AttributeError) as exc:
+        # A worker configured apart from its relay (which refuses to stamp on such a setup), or a
+        # header that is not a position: read from the primaries rather than risk the replicas.
+        logger.error("task %s: cannot check the replicas, reading from the primaries: %s",
+                     task_id, exc)  # fmt: skip
         stale = frozenset(settings.REPLICAS)
     _needed.set(dict(needed))
     _stale.set(stale)
