@@ -312,14 +312,26 @@ def test_lagging_replica__tasks_read_stale_rows_without_replicas_none_with_it(
 
 @pytest.mark.services
 @pytest.mark.django_db(transaction=True, databases=["default", "other"])
-def test_lagging_replica__a_retry_carries_the_position_and_reads_fresh_rows(
+def test_lagging_replica__a_retry_and_a_chain_step_carry_the_position(
     replica: str, broker: Broker, token: str
 ) -> None:
+    chained = f"{token}-chain"
     with worker_with(broker, {"REPLICAS": [REPLICA]}, "replicas-retry"):
         runs = admin_saves(token, retry=True, saves=10)
+        item = Item.objects.create(name=chained)
+        with transaction.atomic():
+            item.version = 1
+            item.save()
+            step = read_replica_item.si(chained, item.pk, 1)
+            (step | step.clone()).delay()
+        wait_for(lambda: TaskRun.objects.filter(token=chained).count() >= 2, timeout=120)
     stale, _ = figures(runs)
     assert stale == 0
     assert len(runs) == 10
     for run in runs:
         assert run.priority == 1  # recorded by the retry
         assert json.loads(run.headers)["lsn"]["default"]  # the retry kept the position
+    steps = sorted(TaskRun.objects.filter(token=chained), key=lambda r: r.started_at)
+    first, second = (json.loads(r.headers)["lsn"]["default"] for r in steps)
+    assert replicas.parse(second) >= replicas.parse(first)  # the next step needs at least as much
+    assert [r.seen_version for r in steps] == [1, 1]
