@@ -11,13 +11,20 @@ worker runs them before and after each task: with the last answer dropped (one q
 checking connection) and with it kept (no query). The same receiver for a message without a
 position is the floor: what every task pays with the feature installed. The relay's side is one
 query per batch, timed too.
+
+``--end-to-end`` also measures commit-to-task-start with a real worker (threads pool) that relays,
+with and without ``REPLICAS``, in alternating blocks (a fresh worker each), one admin-like save
+every ``--pace`` seconds. For it the replica's ``recovery_min_apply_delay`` is set to 0 (a replica
+that keeps up, a few ms behind at most) and put back afterwards.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -37,12 +44,23 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--samples", type=int, default=300, help="timed runs per round and way")
+    parser.add_argument("--end-to-end", action="store_true", help="also with a real worker")
+    parser.add_argument("--blocks", type=int, default=3, help="end to end: blocks per way")
+    parser.add_argument("--block-samples", type=int, default=60, help="end to end: saves a block")
+    parser.add_argument(
+        "--pace", type=float, default=0.05, help="end to end: seconds between saves"
+    )
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args(argv)
     if args.quick:
-        args.rounds, args.samples = 2, 20
+        args.rounds, args.samples, args.blocks, args.block_samples = 2, 20, 1, 10
     common.use_services()
     name = os.environ["DATABASE_URL"].rsplit("/", 1)[1]
+    # Everything in the one database (the task records its runs in "other"); worker processes
+    # read these names too.
+    os.environ["AFTERCOMMIT_TEST_DB_NAMES"] = json.dumps(
+        {"default": name, "other": name, "replica": name}
+    )
     # Outside the test runner nothing makes the replica alias mirror the primary: name its
     # database here (a physical replica has the primary's databases).
     replica_url = os.environ.get(
@@ -127,6 +145,13 @@ def main(argv: list[str]) -> int:
         f"| relay, per batch: `position()` | {percentile(stamp, 0.5):.3f} | "
         f"{percentile(stamp, 0.99):.3f} | {statistics.fmean(stamp):.3f} |"
     )
+    if args.end_to_end:
+        lines += ["", "| real worker, commit → task start | p50 ms | p99 ms | mean ms |",
+                  "|---|---|---|---|"]  # fmt: skip
+        for way, values in end_to_end(args).items():
+            p50, p99 = percentile(values, 0.5), percentile(values, 0.99)
+            lines.append(f"| {way} | {p50:.2f} | {p99:.2f} | {statistics.fmean(values):.2f} |")
+            data[f"end to end, {way}"] = {"p50": p50, "p99": p99, "n": len(values)}
     markdown = (
         f"PostgreSQL streaming replica on the same machine (recovery_min_apply_delay {delay}), "
         f"{args.rounds} rounds x {args.samples} samples. A task whose replica has replayed its "
@@ -142,6 +167,68 @@ def main(argv: list[str]) -> int:
         quick=args.quick,
     )
     return 0
+
+
+def end_to_end(args: argparse.Namespace) -> dict[str, list[float]]:
+    from django.db import transaction
+    from tests.testapp.models import Item, TaskRun
+    from tests.testapp.tasks import read_replica_item
+
+    replica = [sys.executable, str(common.ROOT / "tests" / "replica.py"), "start", "--delay"]
+    subprocess.run([*replica, "0"], check=True, stdout=subprocess.DEVNULL)
+    ways: dict[str, dict[str, Any]] = {
+        "without REPLICAS": {},
+        "with REPLICAS, replica keeping up": {"REPLICAS": ["replica"]},
+    }
+    samples: dict[str, list[float]] = {way: [] for way in ways}
+    item = Item.objects.create(name="replica-e2e")
+    try:
+        for block in range(args.blocks):
+            for index, (way, overrides) in enumerate(ways.items()):
+                token = f"replica-e2e-{os.getpid()}-{block}-{index}"
+                committed: dict[int, float] = {}
+                worker = start_worker(overrides)
+                try:
+                    for _ in range(args.block_samples):
+                        with transaction.atomic():
+                            item.version += 1
+                            item.save(update_fields=["version"])
+                            read_replica_item.delay(token, item.pk, item.version)
+                        committed[item.version] = time.time()
+                        time.sleep(args.pace)
+                    deadline = time.monotonic() + 60
+                    while TaskRun.objects.filter(token=token).count() < len(committed):
+                        if time.monotonic() > deadline:
+                            raise SystemExit("tasks did not all start; see replica-wait-worker.log")
+                        time.sleep(0.2)
+                finally:
+                    worker.terminate()
+                    worker.wait(30)
+                for version, started in TaskRun.objects.filter(token=token).values_list(
+                    "expected_version", "started_at"
+                ):
+                    samples[way].append((started - committed[version]) * 1000)
+    finally:
+        subprocess.run([*replica, "300ms"], check=False, stdout=subprocess.DEVNULL)
+    return samples
+
+
+def start_worker(overrides: dict[str, Any]) -> subprocess.Popen[bytes]:
+    log = open(common.out_dir() / "replica-wait-worker.log", "wb")  # noqa: SIM115 - the worker's
+    argv = [
+        sys.executable, "-m", "celery", "-A", "tests.celery_app", "worker", "-P", "threads",
+        "-c", "4", "-Q", common.QUEUE, "-l", "info", "--without-heartbeat", "--without-gossip",
+        "--without-mingle", "-n", f"replica-bench-{os.getpid()}@%h",
+    ]  # fmt: skip
+    env = dict(os.environ, PYTHONPATH=str(common.ROOT))
+    env["AFTERCOMMIT_TEST_SETTINGS"] = json.dumps(overrides)
+    proc = subprocess.Popen(argv, env=env, cwd=common.ROOT, stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 60
+    while b"ready." not in Path(log.name).read_bytes():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise SystemExit(f"the worker did not start, see {log.name}")
+        time.sleep(0.2)
+    return proc
 
 
 if __name__ == "__main__":

@@ -71,6 +71,7 @@ def read_replica_item(
     log position the message carried. With ``retry``, the first run retries once."""
     if retry and not self.request.retries:
         raise self.retry(countdown=0)
+    started = time.time()
     reads = ReplicaItem.objects.filter(pk=item_id)
     alias = reads.db
     seen = reads.values_list("version", flat=True).first()
@@ -81,7 +82,7 @@ def read_replica_item(
         item_id=item_id,
         expected_version=expected,
         seen_version=seen,
-        started_at=time.time(),
+        started_at=started,
         priority=req.retries,
         headers=json.dumps({"read_from": alias, "lsn": getattr(req, "aftercommit_lsn", None)}),
     )
