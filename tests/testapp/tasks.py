@@ -64,6 +64,16 @@ def slow_read(self: celery.Task, token: str, seconds: float = 3.0) -> None:
 
 
 @shared_task(bind=True)
+def fan_out(self: celery.Task, token: str, count: int) -> None:
+    """Dispatches from inside a worker (a prefork child), in a transaction of its own."""
+    from django.db import transaction
+
+    with transaction.atomic():
+        for i in range(count):
+            read_item.delay(token, None, i)
+
+
+@shared_task(bind=True)
 def read_replica_item(
     self: celery.Task, token: str, item_id: int, expected: int, retry: bool = False
 ) -> None:
