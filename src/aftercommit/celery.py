@@ -20,7 +20,7 @@ import celery
 from celery.result import AsyncResult
 from django.db import connections
 
-from . import dispatch, guard
+from . import dispatch, guard, replicas
 
 _sending_retry: ContextVar[bool] = ContextVar("aftercommit_sending_retry", default=False)
 
@@ -98,6 +98,9 @@ class Task(celery.Task):  # type: ignore[misc]
         """
         if after_commit is None:
             after_commit = self.after_commit and not _sending_retry.get()
+        # Replica-safe reads (replicas.py): called from a task that waited for its replicas (a
+        # retry, a chain's next step), the call needs at least the same log position.
+        replicas.carry(options)
         if not after_commit:
             with guard.exempt():  # an explicit choice (opt-out or retry), not a mistake
                 return super().apply_async(

@@ -26,7 +26,7 @@ from celery import Celery
 from django.db import InterfaceError, OperationalError, connections, router
 from kombu.exceptions import ContentDisallowed
 
-from . import signals
+from . import replicas, signals
 from .brokers import Sender
 from .conf import settings
 from .messages import Builder, Outgoing
@@ -201,6 +201,9 @@ class Relay:
         )
         if not rows:
             return 0
+        # Replica-safe reads (replicas.py, issue 14): read after the claim, so after every claimed
+        # row's commit. One query, only when the alias has listed replicas.
+        lsn = replicas.position(alias)
         deadline = time.monotonic() + lease * 0.8
         builder = Builder(self.app)
         items: list[Outgoing] = []
@@ -210,6 +213,9 @@ class Relay:
                 items.append(builder.build(row))
             except Exception as exc:  # this row cannot become a message: its own failure
                 failed.append((row, exc))
+        if lsn is not None:  # replica-safe reads: each task waits for its replicas to replay this
+            for item in items:
+                item.options["headers"] = replicas.stamped(item.options.get("headers"), alias, lsn)
         outcome = self.sender.send(items)
         sent = [item.row for item in outcome.sent]
         outbox = OutboxMessage.objects.using(alias)
