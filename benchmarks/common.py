@@ -51,7 +51,20 @@ def ensure_database(url: str, *names: str) -> None:
     import dj_database_url
     import psycopg
 
+    if not url:
+        return  # SQLite: the file is made by migrate
     db = dj_database_url.parse(url)
+    if db["ENGINE"].endswith("mysql"):
+        import pymysql
+
+        conn = pymysql.connect(
+            host=db["HOST"] or "127.0.0.1", port=int(db["PORT"] or 3306), user=db["USER"]
+        )
+        with conn.cursor() as cursor:
+            for name in (db["NAME"], *names):
+                cursor.execute(f"CREATE DATABASE IF NOT EXISTS `{name}`")
+        conn.close()
+        return
     if not db["ENGINE"].endswith("postgresql"):
         return
     with psycopg.connect(
@@ -70,7 +83,7 @@ def setup_test_project() -> None:
     """Django on the test project, migrated, on the benchmark services."""
     use_services()
     url = os.environ["DATABASE_URL"]
-    ensure_database(url, f"{url.rsplit('/', 1)[1]}_other")
+    ensure_database(url, f"{url.rsplit('/', 1)[1]}_other" if url else "")
     import django
 
     django.setup()
@@ -124,6 +137,15 @@ def rss_kib(pid: int) -> int:
     """Resident memory of a process (Linux)."""
     with open(f"/proc/{pid}/status") as f:
         return int(next(line.split()[1] for line in f if line.startswith("VmRSS")))
+
+
+def setup_name() -> str:
+    """The database + broker in use, as tests/matrix.py names them (e.g. "mariadb+redis")."""
+    database = os.environ.get("DATABASE_URL", "").split(":", 1)[0] or "sqlite"
+    database = {"postgres": "postgresql", "mysql": "mariadb"}.get(database, database)
+    broker = (os.environ.get("BROKER_URL") or "filesystem://").split(":", 1)[0]
+    broker = {"amqp": "rabbitmq", "pyamqp": "rabbitmq"}.get(broker, broker)
+    return f"{database}+{broker}"
 
 
 def percentile(samples: list[float], q: float) -> float:

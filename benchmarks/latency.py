@@ -167,13 +167,33 @@ def main() -> None:
         for name, values in latency.items()
     ]
     ours = "aftercommit"
-    met = p50[ours] <= 1.5 * p50[base] and p99[ours] <= 2 * p99[base]
-    png = common.out_dir() / "latency-cdf.png"
+    setup = common.setup_name()
+    if setup == "postgresql+redis":
+        name, title, order = "latency", "2. Commit-to-task-start latency with a real worker", 2
+        target = "aftercommit p50 at most 1.5x and p99 at most 2x `delay_on_commit`"
+        met = p50[ours] <= 1.5 * p50[base] and p99[ours] <= 2 * p99[base]
+        wake = "woken by PostgreSQL's NOTIFY at the commit"
+    else:
+        name, title = f"latency-{setup}", f"2. Commit-to-task-start latency ({setup})"
+        order = 2.1 if setup.startswith("postgresql") else 2.2 if "maria" in setup else 2.3
+        if setup.startswith("postgresql"):
+            limit, wake = None, "woken by PostgreSQL's NOTIFY at the commit"
+        else:
+            # No notifications there: the relay probes the claim index every PROBE_INTERVAL.
+            limit = 25.0 if setup.startswith("mariadb") else 100.0
+            wake = "which probes the claim index every 20 ms (no notifications on this database)"
+        if limit is None:
+            target = "aftercommit p50 at most 1.5x and p99 at most 2x `delay_on_commit`"
+            met = p50[ours] <= 1.5 * p50[base] and p99[ours] <= 2 * p99[base]
+        else:
+            target = f"aftercommit p50 under {limit:.0f} ms"
+            met = p50[ours] < limit
+    png = common.out_dir() / f"{name}-cdf.png"
     plot(png, latency)
     markdown = (
         f"A real Celery worker (threads pool, 4 threads) on "
-        f"`{os.environ['BROKER_URL'].split('://')[0]}`, with aftercommit's relay running inside "
-        f"it (the default; no relay process), woken by PostgreSQL's NOTIFY at the commit; one "
+        f"`{setup}`, with aftercommit's relay running inside "
+        f"it (the default; no relay process), {wake}; one "
         f"admin-like save every {args.pace * 1000:.0f} ms, the ways interleaved. Latency is from "
         f"the commit (the first on-commit hook) in the caller to the task body starting in the "
         f"worker.\n\n"
@@ -181,14 +201,14 @@ def main() -> None:
             ["way", "tasks", "p50 ms", "p90 ms", "p99 ms", "max ms", "p50 / p99 vs on_commit"],
             rows,
         )
-        + f"\n\nTarget: aftercommit p50 at most 1.5x and p99 at most 2x `delay_on_commit` — "
-        f"{p50[ours] / p50[base]:.2f}x and {p99[ours] / p99[base]:.2f}x: "
+        + f"\n\nTarget: {target} — p50 {p50[ours]:.1f} ms, "
+        f"{p50[ours] / p50[base]:.2f}x and {p99[ours] / p99[base]:.2f}x `delay_on_commit`: "
         f"**{'met' if met else 'missed'}**.\n\n![latency CDF]({png.name})"
     )
     common.write_section(
-        name="latency",
-        order=2,
-        title="2. Commit-to-task-start latency with a real worker",
+        name=name,
+        order=order,
+        title=title,
         markdown=markdown,
         data={
             "latency_ms": latency,

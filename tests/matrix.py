@@ -165,7 +165,9 @@ def main(argv: list[str]) -> int:
     if not os.environ.get("AFTERCOMMIT_SKIP_BENCH") and not argv and chosen.keys() <= SETUPS.keys():
         name = "benchmarks --quick"
         database_url, redis_url = SETUPS["postgresql+redis"]
-        problem = unreachable(database_url, redis_url, SETUPS["postgresql+rabbitmq"][1])
+        problem = unreachable(
+            database_url, redis_url, SETUPS["postgresql+rabbitmq"][1], SETUPS["mariadb+redis"][0]
+        )
         if problem:
             verdict = "FAILED, REQUIRE_SERVICES=1 and" if require else "skipped,"
             summary.append(f"{name}: {verdict} {problem}")
