@@ -47,7 +47,7 @@ _CALL_ARGUMENTS = (
 )  # fmt: skip
 
 
-@dataclass
+@dataclass(eq=False)  # each is one row's message: compared by identity, never by value
 class Outgoing:
     """One row, built: Celery's ``(headers, properties, body, sent_event)``, publish options."""
 
