@@ -86,11 +86,6 @@ def test_client_library_refused__relay_status_health_and_check_name_the_setup_er
     assert (row.status, row.attempts) == (Status.PENDING, 0)  # it waits for the fix, unharmed
 
 
-@pytest.mark.xfail(
-    reason="brokers.py Sender.open(): kombu's OperationalError from ensure_connection() (a refused "
-    "connection) is not among the outage errors there, so an outage is reported as a setup error",
-    strict=False,
-)
 def test_broker_down__an_outage_not_a_setup_error(token, broker) -> None:  # type: ignore[no-untyped-def]
     from aftercommit.relay import Relay
     from tests.celery_app import app
