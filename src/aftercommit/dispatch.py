@@ -30,6 +30,7 @@ from kombu import serialization
 from kombu.exceptions import ContentDisallowed, DecodeError, EncodeError
 from kombu.utils import json as kombu_json
 
+from . import debounce as debouncing
 from . import signals, tracing, wakeup
 from .conf import settings
 from .exceptions import AmbiguousDatabaseError, DispatchError
@@ -50,7 +51,7 @@ LOCAL_OPTIONS = frozenset(
     }
 )  # fmt: skip
 # Ours, not Celery's.
-OWN_OPTIONS = frozenset({"using", "after_commit"})
+OWN_OPTIONS = frozenset({"using", "after_commit", "debounce", "debounce_key"})
 
 BINARY = "binary"
 # Relative times and dates further away than this are mistakes (1e12 seconds is 31,700 years and
@@ -347,10 +348,13 @@ def record(
     options: dict[str, Any],
     *,
     using: str | None,
+    debounce: float | None = None,
+    debounce_key: str | None = None,
 ) -> AsyncResult:
     """Validate the call, INSERT its row in the caller's transaction, return its result.
 
     ``options`` are the keyword arguments Celery's ``apply_async`` gave ``send_task``.
+    ``debounce``: see :mod:`aftercommit.debounce`.
     """
     app = task._get_app()
     name = task.name
@@ -362,6 +366,7 @@ def record(
     args = () if args is None else args
     kwargs = {} if kwargs is None else kwargs
     check_options(app, name, options)
+    debouncing.check(name, debounce, debounce_key)
     alias = resolve_alias(using, name)
     serializer = options.get("serializer") or task.serializer or app.conf.task_serializer
     content_type, content_encoding, payload = encode_arguments(name, args, kwargs, serializer)
@@ -401,7 +406,12 @@ def record(
         options=encoded_options,
         trace=tracing.capture(),
         status=Status.PENDING,
+        debounce_key=(
+            None if debounce is None else debouncing.key(name, debounce_key, content_type, payload)
+        ),
     )
+    if debounce is not None:
+        debouncing.schedule(alias, message, float(debounce))
     signals.send(signals.recorded, message=message, using=alias)
     wakeup.after_commit(alias)
 

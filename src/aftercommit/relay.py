@@ -26,7 +26,7 @@ from celery import Celery
 from django.db import InterfaceError, OperationalError, connections, router
 from kombu.exceptions import ContentDisallowed
 
-from . import signals
+from . import debounce, signals
 from .brokers import Sender
 from .conf import settings
 from .messages import Builder, Outgoing
@@ -175,6 +175,10 @@ class Relay:
         )
         if not rows:
             return 0
+        claimed = len(rows)
+        # Debounce (issue 14): a row a newer pending one with the same key replaces is marked
+        # superseded, not sent. No query for a batch without debounced rows.
+        rows = debounce.drop_superseded(alias, rows)
         deadline = time.monotonic() + lease * 0.8
         builder = Builder(self.app)
         items: list[Outgoing] = []
@@ -211,7 +215,7 @@ class Relay:
                 len(rows),
                 settings.LEASE,
             )
-        return len(rows)
+        return claimed
 
     def _settle(self, alias: str, write: Callable[[], T]) -> T:
         """A write after a publish, tried again once on a fresh connection: a connection the
