@@ -1,7 +1,8 @@
 """Effectively once (``once=True``): a second delivery of a task id has no second effect.
 
-Deliveries are counted in the other database before the body runs (CountingTask.before_start, outside
-the once-transaction); effects are Item rows the body writes in the default database, inside it.
+Deliveries are counted in the other database before the body runs (CountingTask.before_start,
+outside the once-transaction); effects are Item rows the body writes in the default database,
+inside it.
 """
 
 from __future__ import annotations
