@@ -84,7 +84,11 @@ def test_admin__list_query_leaves_the_arguments_out(admin_client) -> None:  # ty
     table = OutboxMessage._meta.db_table
     with CaptureQueriesContext(connection) as queries:
         assert admin_client.get(CHANGELIST).status_code == 200
-    selects = [q["sql"] for q in queries if f'"{table}"' in q["sql"] and "SELECT" in q["sql"]]
+    selects = [
+        q["sql"]
+        for q in queries
+        if connection.ops.quote_name(table) in q["sql"] and "SELECT" in q["sql"]
+    ]
     assert selects
     for column in ("payload", "options", "trace"):
         assert not [sql for sql in selects if f'"{table}"."{column}"' in sql], column

@@ -203,6 +203,67 @@ def test_relay_killed_mid_batch__nothing_lost_duplicates_counted(token, settings
     assert set(delivered(token)) >= ids
 
 
+def test_relay_connection_terminated_between_publish_and_mark__nothing_lost_nothing_twice(  # type: ignore[no-untyped-def]
+    token, spawn
+) -> None:
+    with transaction.atomic():
+        ids = {read_item.delay(token, None, i).id for i in range(SIZE["relay_backlog"] // 2)}
+    started = time.monotonic()
+    relay = spawn(
+        "relay", relay_argv("--batch-size", "50"), AFTERCOMMIT_TEST_CUT_AFTER_PUBLISH="50"
+    )
+    wait_delivered(token, ids, timeout=120)
+    time.sleep(1)
+    counts = delivered(token)
+    row(
+        "relay's database connection terminated between publish and mark, each batch",
+        ids,
+        counts,
+        0,
+        time.monotonic() - started,
+    )
+    assert set(counts) >= ids
+    assert "unavailable after a publish" in relay.output()  # the fault really happened
+    # The mark is tried again on a fresh connection while the claim's lease lasts.
+    assert max(counts.values()) == 1
+
+
+def worker_argv(queue: str) -> list[str]:
+    return [
+        sys.executable, "-m", "celery", "-A", "tests.celery_app", "worker", "-P", "threads",
+        "-c", "1", "-Q", queue, "-l", "info", "--without-heartbeat", "--without-gossip",
+        "--without-mingle", "-n", f"faults-{uuid.uuid4().hex[:6]}@%h",
+    ]  # fmt: skip
+
+
+def test_relaying_worker_killed_mid_batch__nothing_lost_duplicates_counted(token, spawn) -> None:  # type: ignore[no-untyped-def]
+    # Workers whose only job here is their relay (they consume a queue nothing is sent to); the
+    # module's worker runs the tasks, so a kill can only interrupt sending.
+    relaying = json.dumps({"LEASE": 2, "BATCH_SIZE": 50, "RELAY_IN_WORKER": True})
+    with transaction.atomic():
+        ids = {read_item.delay(token, None, i).id for i in range(SIZE["relay_backlog"])}
+    started = time.monotonic()
+    step = len(ids) // (SIZE["relay_kills"] + 2)
+    for n in range(SIZE["relay_kills"]):
+        doomed = spawn(
+            f"worker-relay-{n}", worker_argv("relay-only"), AFTERCOMMIT_TEST_SETTINGS=relaying
+        )
+        wait_for(lambda n=n: sum(delivered(token).values()) >= step * (n + 1), timeout=90)
+        doomed.signal(signal.SIGKILL)
+        doomed.proc.wait(10)
+    spawn("worker-relay-last", worker_argv("relay-only"), AFTERCOMMIT_TEST_SETTINGS=relaying)
+    wait_delivered(token, ids, timeout=120)
+    time.sleep(1)
+    row(
+        f"worker (relaying) SIGKILLed mid-batch, x{SIZE['relay_kills']}",
+        ids,
+        delivered(token),
+        0,
+        time.monotonic() - started,
+    )
+    assert set(delivered(token)) >= ids
+
+
 def test_many_relays_and_writers__nothing_lost_nothing_twice(token, spawn) -> None:  # type: ignore[no-untyped-def]
     for n in range(SIZE["relays"]):
         spawn(f"relay-{n}", relay_argv("--batch-size", "50"))

@@ -71,7 +71,8 @@ def test_broker_down__callers_unharmed_rows_wait_relay_delivers(
         assert Item.objects.get(pk=item.pk).version == 30
         assert OutboxMessage.objects.pending().count() == 30
         relay = start_relay()
-        time.sleep(3)  # the relay is trying, and failing
+        # The relay is trying, and failing (its start-up takes a while on a busy machine).
+        wait_for(lambda: "broker unreachable" in relay.output(), timeout=60)
         assert delivered(token) == Counter()
         assert OutboxMessage.objects.pending().count() == 30
     finally:

@@ -16,7 +16,6 @@ import redis
 from django.conf import settings
 from django.db import transaction
 
-from aftercommit.conf import SETTINGS
 from tests.celery_app import app
 from tests.conftest import wait_for
 from tests.testapp.models import TaskRun
@@ -24,20 +23,12 @@ from tests.testapp.tasks import read_item
 
 pytestmark = [
     pytest.mark.services,
-    pytest.mark.django_db(transaction=True),
+    pytest.mark.django_db(transaction=True, databases=["default", "other"]),
 ]
 
 MESSAGES = 200
 #: Subscriptions a sender may hold however many messages it sent: a few connections' worth.
 BOUND = 10
-
-
-@pytest.fixture
-def relay_only(settings):  # type: ignore[no-untyped-def]
-    """Only the relay sends (where this version of aftercommit also sends from the dispatching
-    process, that is switched off)."""
-    if "PUBLISHER" in SETTINGS:
-        settings.AFTERCOMMIT = {**settings.AFTERCOMMIT, "PUBLISHER": False}
 
 
 def local_ports(pid: int) -> set[int]:
@@ -72,7 +63,6 @@ def subscriptions(client: redis.Redis, pids: list[int]) -> int:
     return held
 
 
-@pytest.mark.usefixtures("relay_only")
 def test_long_running_sender__holds_a_bounded_number_of_result_subscriptions(
     token, worker, start_relay
 ) -> None:  # type: ignore[no-untyped-def]

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import threading
 import time
 import uuid
+from collections import Counter
 
 import pytest
 from celery.result import AsyncResult
@@ -353,3 +355,41 @@ def test_unregistered_task__refused(token: str) -> None:
         app.tasks[name] = task
     assert not OutboxMessage.objects.exists()
     assert connections["default"].get_autocommit()
+
+
+def test_transaction_held_12s_with_50_tasks__each_runs_once(token: str) -> None:
+    # 0.1 set each row due "created + GRACE_PERIOD" by the app server's clock, and its publisher did
+    # not claim what it sent: a transaction open longer than the grace period committed rows that
+    # were already due, and a relay poll sent them a second time (300 of 300, measured). Now a row
+    # is invisible until the commit and owned by whoever claims it.
+    with transaction.atomic():
+        ids = {read_item.delay(token, None, i).id for i in range(50)}
+        time.sleep(12)
+    ran(token, 50, timeout=60)
+    time.sleep(2)  # a second send would have arrived by now
+    runs_by_id = Counter(r.task_id for r in runs(token))
+    assert set(runs_by_id) == ids
+    assert max(runs_by_id.values()) == 1
+
+
+@pytest.mark.parametrize("skew", [60.0, -60.0], ids=["ahead", "behind"])
+def test_web_server_clock_60s_off__sent_at_once_and_once(
+    token: str, skew: float, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Every time the outbox compares is the database's: the caller's clock decides nothing.
+    real_time = time.time
+    monkeypatch.setattr(time, "time", lambda: real_time() + skew)
+    from django.utils import timezone
+
+    real_now = timezone.now
+    monkeypatch.setattr(timezone, "now", lambda: real_now() + dt.timedelta(seconds=skew))
+    with transaction.atomic():
+        ids = {read_item.delay(token, None, i).id for i in range(10)}
+    monkeypatch.undo()
+    committed = time.time()
+    done = ran(token, 10, timeout=30)
+    assert max(r.started_at for r in done) - committed < 10  # not held back by the skew
+    time.sleep(2)
+    runs_by_id = Counter(r.task_id for r in runs(token))
+    assert set(runs_by_id) == ids
+    assert max(runs_by_id.values()) == 1

@@ -27,7 +27,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from celery import Celery
-from kombu import Connection
+from kombu import Connection, Queue
+from kombu.common import Broadcast
 
 from . import guard, tracing
 from .messages import Outgoing
@@ -114,6 +115,7 @@ class Sender:
         self.amqp_confirms = False
         self.events: _EventsApart | None = None
         self._tags = 0  # AMQP: publishes on the current confirmed channel, i.e. its last tag
+        self._bound: dict[tuple[int, str], Queue] = {}
         from kombu.exceptions import OperationalError
 
         # Widened with the transport's own error classes when the connection opens.
@@ -132,7 +134,8 @@ class Sender:
             transport = connection.transport
         except Exception as exc:  # the transport cannot even load: not an outage
             raise SetupError(f"{type(exc).__name__}: {exc}") from exc
-        errors = (*connection.connection_errors, OSError, TimeoutError)
+        # kombu raises its OperationalError when ensure_connection gives up: an outage too.
+        errors = (*self.outage_errors, *connection.connection_errors)
         try:
             connection.ensure_connection(max_retries=1)
             producer = self.app.amqp.Producer(connection, auto_declare=False)
@@ -157,6 +160,7 @@ class Sender:
 
     def reset(self, *, broken: bool = False) -> None:
         connection, self.connection, self.producer = self.connection, None, None
+        self._bound.clear()
         events, self.events = self.events, None
         self._tags = 0
         if events is not None:
@@ -228,6 +232,12 @@ class Sender:
         return outcome
 
     def _publish(self, producer: Any, item: Outgoing) -> None:
+        options = item.options
+        queue = options.get("queue")
+        if options.get("declare") is None and isinstance(queue, Queue):
+            # What send_task_message would declare, bound to this channel once: kombu binds (a
+            # copy) an unbound queue on every publish before it finds it already declared.
+            options = {**options, "declare": self._declarable(queue, producer)}
         with tracing.restore(item.row.trace), guard.exempt():
             self.app.amqp.send_task_message(
                 producer,
@@ -235,8 +245,18 @@ class Sender:
                 item.message,
                 event_dispatcher=self.events,
                 retry=False,
-                **item.options,
+                **options,
             )
+
+    def _declarable(self, queue: Queue, producer: Any) -> list[Queue]:
+        if isinstance(queue, Broadcast):
+            return []
+        channel = producer.channel
+        key = (id(channel), queue.name)
+        bound = self._bound.get(key)
+        if bound is None:
+            bound = self._bound[key] = queue(channel)
+        return [bound]
 
     def _publish_each(
         self, producer: Any, chunk: list[Outgoing], outcome: Outcome, published: list[Outgoing]

@@ -54,6 +54,8 @@ LOCAL_OPTIONS = frozenset(
 OWN_OPTIONS = frozenset({"using", "after_commit", "debounce", "debounce_key"})
 
 BINARY = "binary"
+# Stored with a call whose args were a list: Celery's argsrepr header shows the args as given.
+ARGS_LIST = "aftercommit_args_list"
 # Relative times and dates further away than this are mistakes (1e12 seconds is 31,700 years and
 # overflows a datetime when the message is built).
 MAX_SECONDS = 100 * 365.25 * 24 * 3600
@@ -171,13 +173,15 @@ def _content_types(names: frozenset[str]) -> frozenset[str]:
 
 
 def decode_arguments(
-    message: OutboxMessage, app: Celery | None = None
+    message: OutboxMessage, app: Celery | None = None, *, accept: frozenset[str] | None = None
 ) -> tuple[list[Any], dict[str, Any]]:
-    """The row's (args, kwargs); ``ContentDisallowed`` for a content type outside the allow-list."""
+    """The row's (args, kwargs); ``ContentDisallowed`` for a content type outside the allow-list
+    (``allowed_content_types(app)``, or ``accept`` when the caller already read it)."""
     data: str | bytes = message.payload
     if message.content_encoding == BINARY:
         data = base64.b64decode(data)
-    accept = allowed_content_types(app)
+    if accept is None:
+        accept = allowed_content_types(app)
     if message.content_type not in accept:
         raise ContentDisallowed(
             f"refusing to decode content type {message.content_type!r}; allowed: "
@@ -229,20 +233,36 @@ def accepted_options(app: Celery) -> frozenset[str]:
         CeleryTask.apply,
         CeleryTask.apply_async,
     ):
-        names.update(
-            name
-            for name, p in inspect.signature(function).parameters.items()
-            if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
-        )
+        names.update(_named_parameters(function))
     try:
         from amqp.basic_message import Message
     except ImportError:  # pragma: no cover - py-amqp is kombu's dependency
         pass
     else:
         names.update(name for name, _ in Message.PROPERTIES)
+    # A wrapper without the original's signature (sentry-sdk's around Producer.publish) would hide
+    # these: kombu's publish options, named here as well.
+    names.update(KOMBU_PUBLISH_OPTIONS)
     names.update({"stamped_headers", "stamps", "task_type", "route_name", "exchange_type"})
     names.discard("self")
     return frozenset(names)
+
+
+KOMBU_PUBLISH_OPTIONS = frozenset(
+    {
+        "routing_key", "delivery_mode", "mandatory", "immediate", "priority", "content_type",
+        "content_encoding", "serializer", "headers", "compression", "exchange", "retry",
+        "retry_policy", "declare", "expiration", "timeout", "confirm_timeout",
+    }
+)  # fmt: skip
+
+
+def _named_parameters(function: Any) -> set[str]:
+    try:
+        parameters = inspect.signature(function).parameters.values()
+    except (TypeError, ValueError):  # pragma: no cover - a callable without a signature
+        return set()
+    return {p.name for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
 
 
 def check_options(app: Celery, task_name: str, options: dict[str, Any]) -> None:
@@ -373,19 +393,22 @@ def record(
 
     result_cls = options.get("result_cls") or app.AsyncResult
     add_to_parent = options.get("add_to_parent", True)
-    call = {k: v for k, v in options.items() if k not in LOCAL_OPTIONS and v is not None}
+    # None values stay: Celery passes them on to the publish as well.
+    call = {k: v for k, v in options.items() if k not in LOCAL_OPTIONS}
     task_id = call.pop("task_id", None)
     task_id = str(task_id) if task_id else str(time_ordered_uuid())
     # What send_task would take from the calling thread, kept for the relay's thread.
     call["reply_to"] = call.get("reply_to") or app.thread_oid
     parent = app.current_worker_task
     if parent is not None:
-        call.setdefault("root_id", parent.request.root_id or parent.request.id)
-        call.setdefault("parent_id", parent.request.id)
-        if app.conf.task_inherit_parent_priority:
-            priority = (parent.request.delivery_info or {}).get("priority")
-            if priority is not None:
-                call.setdefault("priority", priority)
+        if not call.get("root_id"):
+            call["root_id"] = parent.request.root_id or parent.request.id
+        if not call.get("parent_id"):
+            call["parent_id"] = parent.request.id
+        if app.conf.task_inherit_parent_priority and call.get("priority") is None:
+            call["priority"] = (parent.request.delivery_info or {}).get("priority")
+    if isinstance(args, list):  # the body cannot tell; the argsrepr header can
+        call[ARGS_LIST] = True
     ignore_result = bool(call.get("ignore_result", False))
     encoded_options = encode_options(name, call)
     limit = settings.MAX_PAYLOAD_BYTES

@@ -22,7 +22,7 @@ from celery.utils.time import subtract_datetimes
 from dateutil.parser import isoparse
 from kombu import Exchange
 
-from .dispatch import decode_arguments, decode_options
+from .dispatch import ARGS_LIST, allowed_content_types, decode_arguments, decode_options
 
 if TYPE_CHECKING:
     from celery import Celery
@@ -67,6 +67,7 @@ class Builder:
         self.argsrepr_maxsize = self.amqp.argsrepr_maxsize
         self.kwargsrepr_maxsize = self.amqp.kwargsrepr_maxsize
         self.origin = anon_nodename()
+        self.accept = allowed_content_types(app)
         self._quorum: bool | None = None
         # Celery 5.5+ also gives a message with an expiry an AMQP expiration (seconds).
         self.expiration = detect_quorum_queues is not None
@@ -74,9 +75,13 @@ class Builder:
     def build(self, row: OutboxMessage) -> Outgoing:
         app = self.app
         name = row.task_name
-        args, kwargs = decode_arguments(row, app)
+        decoded, kwargs = decode_arguments(row, accept=self.accept)
         options = decode_options(row)
         call = {key: options.pop(key, None) for key in _CALL_ARGUMENTS}
+        # As the caller gave them: delay() and most calls give a tuple, which JSON cannot tell.
+        args: tuple[Any, ...] | list[Any] = (
+            decoded if options.pop(ARGS_LIST, False) else tuple(decoded)
+        )
         task_type = app.tasks.get(name)
         options = self.amqp.router.route(
             options, call["route_name"] or name, args, kwargs, task_type
@@ -86,12 +91,15 @@ class Builder:
             self._delay_natively(options, countdown, eta)
         if expires is not None and self.expiration:
             options["expiration"] = self._expiration(expires)
-        argsrepr = options.pop("argsrepr", None)
-        kwargsrepr = options.pop("kwargsrepr", None)
-        if argsrepr is None:
-            argsrepr = saferepr(args, self.argsrepr_maxsize, maxlevels=self.repr_levels)
-        if kwargsrepr is None:
-            kwargsrepr = saferepr(kwargs, self.kwargsrepr_maxsize, maxlevels=self.repr_levels)
+        # Computed here, once per batch's settings, unless the call gave them (then they stay in
+        # the options, which Celery also passes on to the publish).
+        reprs = {}
+        if options.get("argsrepr") is None:
+            reprs["argsrepr"] = saferepr(args, self.argsrepr_maxsize, maxlevels=self.repr_levels)
+        if options.get("kwargsrepr") is None:
+            reprs["kwargsrepr"] = saferepr(
+                kwargs, self.kwargsrepr_maxsize, maxlevels=self.repr_levels
+            )
         message = self.amqp.create_task_message(
             row.task_id, name, args, kwargs, countdown, eta, call["group_id"],
             call["group_index"], expires, call["retries"] or 0, call["chord"],
@@ -100,7 +108,7 @@ class Builder:
             call["parent_id"], call["shadow"], call["chain"],
             ignore_result=bool(call["ignore_result"]),
             replaced_task_nesting=call["replaced_task_nesting"] or 0,
-            argsrepr=argsrepr, kwargsrepr=kwargsrepr, origin=self.origin, **options,
+            origin=self.origin, **reprs, **options,
         )  # fmt: skip
         for stamp in options.pop("stamped_headers", None) or ():
             options.pop(stamp, None)

@@ -105,32 +105,50 @@ class Relay:
         restore = self._install_signal_handlers()
         self.waiter = waiter = Waiter(self.aliases)
         logger.info("relay %s started on %s", self.holder, ", ".join(self.aliases))
+        look = set(self.aliases)  # where something may be due: everywhere, at first
+        last_look = dict.fromkeys(self.aliases, time.monotonic())
         try:
             while not self.stopping.is_set():
                 waiter.listen()
                 busy = False
                 if time.monotonic() >= self._paused_until:
                     for alias in self.aliases:
-                        if self.stopping.is_set():
-                            break
-                        busy = self._step(alias) or busy
+                        if self.stopping.is_set() or alias not in look:
+                            continue
+                        last_look[alias] = time.monotonic()
+                        if self._step(alias) >= (self.batch_size or settings.BATCH_SIZE):
+                            busy = True  # a full batch: there may be more, look again at once
+                        else:
+                            look.discard(alias)
                 if once and not busy and time.monotonic() >= self._paused_until:
                     break
                 if not busy:
                     self._upkeep()
                     if not self.stopping.is_set():
-                        self._wait(waiter)
+                        look |= self._wait(waiter, last_look)
         finally:
             self._shutdown()
             restore()
             logger.info("relay %s stopped", self.holder)
 
-    def _wait(self, waiter: Waiter) -> None:
+    def _wait(self, waiter: Waiter, last_look: dict[str, float]) -> set[str]:
+        """Wait for work; the aliases to look at next. A notification names its database; the
+        others are probed each time (no notifications there), or polled as the safety net."""
         try:
-            waiter.wait(self._idle_wait())
+            woken = waiter.wait(self._idle_wait())
         except Exception:  # never the end of the relay: look again after a pause
             logger.exception("relay %s: waiting for work failed", self.holder)
             self.stopping.wait(min(settings.POLL_INTERVAL, 1.0))
+            woken = None
+        if woken is None:
+            return set(self.aliases)
+        now = time.monotonic()
+        poll = float(settings.POLL_INTERVAL)
+        return woken | {
+            alias
+            for alias in self.aliases
+            if not self._notified(alias) or now - last_look[alias] >= poll
+        }
 
     def stop(self, *_: Any) -> None:
         self.stopping.set()
@@ -147,18 +165,19 @@ class Relay:
     def _notified(self, alias: str) -> bool:
         return self.waiter is not None and self.waiter.notifies(alias)
 
-    def _step(self, alias: str) -> bool:
-        """One batch on one database; True when it had work. Database errors never end the loop."""
+    def _step(self, alias: str) -> int:
+        """One batch on one database: how many messages it claimed. Database errors never end
+        the loop."""
         try:
             self._heartbeat(alias)
             if not self._notified(alias) and not OutboxMessage.objects.using(alias).any_due():
-                return False
-            return self.run_batch(alias) > 0
+                return 0
+            return self.run_batch(alias)
         except Exception:
             logger.exception("relay batch on %r failed; reconnecting", alias)
             connections[alias].close()
             self.stopping.wait(min(settings.POLL_INTERVAL, 1.0))
-            return False
+            return 0
 
     # One batch -----------------------------------------------------------------------------
 
@@ -218,14 +237,26 @@ class Relay:
         return claimed
 
     def _settle(self, alias: str, write: Callable[[], T]) -> T:
-        """A write after a publish, tried again once on a fresh connection: a connection the
-        server dropped while the batch was out must not turn into a duplicate send."""
-        try:
-            return write()
-        except (OperationalError, InterfaceError):
-            logger.warning("database connection to %r lost after a publish; reconnecting", alias)
-            connections[alias].close()
-            return write()
+        """A write after a publish, tried again on a fresh connection until it succeeds or the
+        claim's lease is nearly over: a connection the server dropped (or a database refusing
+        connections for a moment) while the batch was out must not turn into a duplicate send.
+        Past the lease another sender may take the rows, so it gives up then."""
+        deadline = time.monotonic() + settings.LEASE * 0.8
+        failures = 0
+        while True:
+            try:
+                return write()
+            except (OperationalError, InterfaceError):
+                failures += 1
+                if time.monotonic() >= deadline:
+                    raise
+                logger.warning(
+                    "database %r unavailable after a publish (attempt %d); reconnecting",
+                    alias,
+                    failures,
+                )
+                connections[alias].close()
+                time.sleep(min(backoff(failures, base=0.1, cap=2.0), deadline - time.monotonic()))
 
     def _hand_back(
         self, alias: str, rows: list[OutboxMessage], error: BaseException | None

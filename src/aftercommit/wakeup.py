@@ -124,9 +124,12 @@ class Waiter:
         with contextlib.suppress(BlockingIOError, OSError):  # already awake, or closing
             self._write.send(b"\0")
 
-    def wait(self, timeout: float) -> None:
-        if any(listener.take_pending() for listener in self.listeners):
-            return
+    def wait(self, timeout: float) -> set[str] | None:
+        """Block until woken or ``timeout``. Returns the PostgreSQL aliases whose commits woke it,
+        or None when woken from this process (or a connection broke): look everywhere."""
+        pending = {listener.alias for listener in self.listeners if listener.take_pending()}
+        if pending:
+            return pending
         sockets: list[Any] = [self._read]
         for listener in self.listeners:
             if listener.raw is None:
@@ -135,24 +138,27 @@ class Waiter:
                 listener.fileno()
             except Exception:  # the server dropped the connection: claim (and reconnect) now
                 self._lost(listener)
-                return
+                return None
             sockets.append(listener)
         try:
             ready, _, _ = select.select(sockets, [], [], max(timeout, 0.0))
         except (OSError, ValueError):  # a connection closed under us: look again at once
-            return
+            return None
+        woken: set[str] | None = set()
         for item in ready:
             if item is self._read:
-                try:
+                with contextlib.suppress(BlockingIOError, OSError):
                     while self._read.recv(4096):
                         pass
-                except (BlockingIOError, OSError):
-                    pass
-            else:
-                try:
-                    item.consume()
-                except Exception:  # the server went away; the next claim reconnects
-                    self._lost(item)
+                woken = None
+                continue
+            try:
+                item.consume()
+            except Exception:  # the server went away; the next claim reconnects
+                self._lost(item)
+            if woken is not None:
+                woken.add(item.alias)
+        return woken
 
     @staticmethod
     def _lost(listener: _Listener) -> None:
