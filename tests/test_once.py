@@ -23,7 +23,7 @@ from aftercommit.models import OnceRecord
 from tests.celery_app import app
 from tests.conftest import Process, wait_for
 from tests.testapp.models import Item, TaskRun
-from tests.testapp.tasks import once_effect, once_unbound
+from tests.testapp.tasks import once_effect, once_replaced, once_unbound
 
 pytestmark = [pytest.mark.django_db(transaction=True, databases=["default", "other"])]
 with_worker = [pytest.mark.services, pytest.mark.usefixtures("worker")]
@@ -179,3 +179,14 @@ def test_duplicate_while_first_runs__waits_then_skipped(token, worker) -> None: 
     assert f"[{result.id}] succeeded" in worker.output()
     assert effects(token) == {4: 1}
     connections.close_all()
+
+
+@pytest.mark.services
+@pytest.mark.usefixtures("worker")
+def test_replaced_by_another_task__effect_kept_and_replacement_runs(token, worker) -> None:  # type: ignore[no-untyped-def]
+    result = once_replaced.delay(token)
+    # Two rows of the same task id: the replaced task's delivery (CountingTask), and what the
+    # replacement (read_item, the same id) recorded when it ran.
+    wait_for(lambda: deliveries(token) == {result.id: 2}, timeout=30)
+    assert effects(token) == {0: 1}  # the replaced task's write stands
+    assert not OnceRecord.objects.filter(task_id=result.id).exists()

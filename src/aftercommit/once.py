@@ -109,15 +109,22 @@ def run_once(task: celery.Task, body: Callable[[], T]) -> T:
         return body()  # a plain function call, not a delivery: nothing to recognise it by
     alias = alias_of(task)
     token = _running.set(task_id)
+    records = OnceRecord.objects.using(alias)
     try:
         with transaction.atomic(using=alias):
             try:
-                OnceRecord.objects.using(alias).create(
-                    task_id=task_id, task_name=task.name, done_at=Now()
-                )
+                records.create(task_id=task_id, task_name=task.name, done_at=Now())
             except IntegrityError:
                 raise _Duplicate from None  # leaves the atomic block: it rolls back
-            return body()
+            try:
+                return body()
+            except Ignore as exc:
+                # self.replace() (or the body's own Ignore): what the body did stands, the
+                # replacement among it (an outbox row in this transaction). The replacement keeps
+                # this task id, so the id is not recorded as done.
+                records.filter(task_id=task_id).delete()
+                ignored = exc
+        raise ignored
     except _Duplicate:
         logger.info(
             "%s[%s]: duplicate delivery, acknowledged without running the body: a run of this "

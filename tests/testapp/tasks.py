@@ -95,3 +95,10 @@ def once_effect(
 def once_unbound(token: str, n: int) -> None:
     """The same without bind=True (Celery makes run a staticmethod)."""
     Item.objects.create(name=token, version=n)
+
+
+@shared_task(bind=True, base=CountingTask, once=True)
+def once_replaced(self: celery.Task, token: str) -> None:
+    """Writes its effect, then hands over to another task (which keeps this task id)."""
+    Item.objects.create(name=token, version=0)
+    raise self.replace(read_item.s(token))
