@@ -208,3 +208,15 @@ def test_rolled_back_dispatch__supersedes_nothing(token) -> None:  # type: ignor
     time.sleep(1.5)
     assert len(runs(token)) == 1
     assert OutboxMessage.objects.get(payload__contains=token).status == Status.SENT
+
+
+def test_admin_state_filter__lists_superseded_messages(token, admin_client) -> None:  # type: ignore[no-untyped-def]
+    first = read_item.apply_async((token,), debounce=5)
+    second = read_item.apply_async((token,), debounce=5)
+    debounce.drop_superseded("default", _claimed(first))
+    page = admin_client.get("/admin/aftercommit/outboxmessage/", {"state": "superseded"})
+    assert page.status_code == 200
+    text = page.content.decode()
+    assert first.id in text
+    assert second.id not in text
+    assert "superseded" in text
