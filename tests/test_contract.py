@@ -40,6 +40,7 @@ class RecordingProducer:
     def __init__(self) -> None:
         self.published: list[dict[str, Any]] = []
         self.connection = self
+        self.channel = object()  # what queues to declare are bound to; never used
 
     @contextmanager
     def _reraise_as_library_errors(self) -> Any:

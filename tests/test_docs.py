@@ -35,3 +35,15 @@ def test_settings_page__is_generated_not_written() -> None:
     page = (DOCS / "settings.md").read_text()
 
     assert "{aftercommit-settings}" in page
+
+
+def test_readme_settings_table__matches_conf() -> None:
+    """The README's table lists every setting with its default and help, and nothing else."""
+    readme = (DOCS.parent / "README.md").read_text()
+    table = readme[readme.index("| key | default | what it does |") :].split("\n\n")[0]
+    rows = table.splitlines()[2:]
+    expected = [
+        f"| `{name}` | `{spec.default!r}` | {spec.help} |".replace("'", '"')
+        for name, spec in SETTINGS.items()
+    ]
+    assert [row.replace("'", '"') for row in rows] == expected

@@ -87,7 +87,8 @@ SETTINGS: dict[str, Setting] = {
     "MAX_PAYLOAD_BYTES": Setting(
         256 * 1024,
         int,
-        "Largest encoded arguments a message may carry; larger ones are refused at the call.",
+        "Largest encoded arguments plus send options (headers included) a call may carry; larger "
+        "ones are refused at the call.",
         minimum=1,
     ),
     "RETENTION": Setting(

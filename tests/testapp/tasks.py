@@ -66,6 +66,16 @@ def slow_read(self: celery.Task, token: str, seconds: float = 3.0) -> None:
         time.sleep(seconds)
 
 
+@shared_task(bind=True)
+def fan_out(self: celery.Task, token: str, count: int) -> None:
+    """Dispatches from inside a worker (a prefork child), in a transaction of its own."""
+    from django.db import transaction
+
+    with transaction.atomic():
+        for i in range(count):
+            read_item.delay(token, None, i)
+
+
 # Effectively once (issue 14) -------------------------------------------------------------------
 
 

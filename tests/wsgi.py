@@ -1,0 +1,8 @@
+"""The test project as a WSGI application (gunicorn in tests/test_processes.py)."""
+
+import os
+
+from django.core.wsgi import get_wsgi_application
+
+os.environ.setdefault("DJANGO_SETTINGS_MODULE", "tests.settings")
+application = get_wsgi_application()
