@@ -220,3 +220,14 @@ def test_admin_state_filter__lists_superseded_messages(token, admin_client) -> N
     assert first.id in text
     assert second.id not in text
     assert "superseded" in text
+
+
+@pytest.mark.services
+@pytest.mark.usefixtures("worker")
+def test_dispatch_outside_a_transaction__not_sent_before_debounce(token) -> None:  # type: ignore[no-untyped-def]
+    """Outside a transaction the row and its due time commit together: a relay woken by the
+    INSERT never finds it due at once."""
+    dispatched = time.time()
+    read_item.apply_async((token,), debounce=1.5)
+    wait_for(lambda: runs(token), timeout=20)
+    assert runs(token)[0].started_at - dispatched >= 1.5

@@ -20,6 +20,7 @@ long, the newest due one is sent even though newer ones keep coming.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import math
@@ -27,7 +28,7 @@ import numbers
 from collections.abc import Sequence
 from typing import Any
 
-from django.db import connections
+from django.db import connections, transaction
 from django.db.models import Max
 from django.db.models.functions import Now
 
@@ -81,18 +82,22 @@ def key(task_name: str, debounce_key: str | None, content_type: str, payload: st
     return hashlib.sha256("\0".join(parts).encode()).hexdigest()
 
 
-def schedule(alias: str, message: OutboxMessage, seconds: float) -> None:
-    """Make the new row due ``seconds`` from now, and again ``seconds`` after the commit.
+def insert(alias: str, seconds: float, values: dict[str, Any]) -> OutboxMessage:
+    """INSERT the row, due ``seconds`` from now, and again ``seconds`` after the commit.
 
-    The first UPDATE is in the caller's transaction (the row is invisible until it commits), so the
-    relay never sees the row due at its INSERT time. The second runs after the commit; if the
-    process dies before it, the first still holds the row back ``seconds`` from the dispatch.
+    The row's due time is moved by an UPDATE in the same transaction as the INSERT (opened here for
+    a call outside one: alone, the INSERT would commit the row due at once, and a relay could send
+    it before the UPDATE). After the commit the due time is set again, by the database's clock;
+    if the process dies before that, the row is due ``seconds`` after the dispatch.
     """
-    outbox = OutboxMessage.objects.using(alias)
-    outbox.filter(pk=message.pk).update(due_at=later(seconds))
     connection = connections[alias]
-    if not connection.in_atomic_block:
-        return  # autocommit: the UPDATE above was the commit
+    in_transaction = connection.in_atomic_block
+    outbox = OutboxMessage.objects.using(alias)
+    with contextlib.nullcontext() if in_transaction else transaction.atomic(using=alias):
+        message = outbox.insert(**values)
+        outbox.filter(pk=message.pk).update(due_at=later(seconds))
+    if not in_transaction:
+        return message  # committed just now
 
     def after_commit() -> None:
         try:
@@ -107,6 +112,7 @@ def schedule(alias: str, message: OutboxMessage, seconds: float) -> None:
             )
 
     connection.on_commit(after_commit)
+    return message
 
 
 def drop_superseded(alias: str, rows: Sequence[OutboxMessage]) -> list[OutboxMessage]:

@@ -420,21 +420,21 @@ def record(
             f"AFTERCOMMIT['MAX_PAYLOAD_BYTES']."
         )
 
-    message = OutboxMessage.objects.using(alias).insert(
-        task_id=task_id,
-        task_name=name,
-        payload=payload,
-        content_type=content_type,
-        content_encoding=content_encoding,
-        options=encoded_options,
-        trace=tracing.capture(),
-        status=Status.PENDING,
-        debounce_key=(
-            None if debounce is None else debouncing.key(name, debounce_key, content_type, payload)
-        ),
-    )
-    if debounce is not None:
-        debouncing.schedule(alias, message, float(debounce))
+    values: dict[str, Any] = {
+        "task_id": task_id,
+        "task_name": name,
+        "payload": payload,
+        "content_type": content_type,
+        "content_encoding": content_encoding,
+        "options": encoded_options,
+        "trace": tracing.capture(),
+        "status": Status.PENDING,
+    }
+    if debounce is None:
+        message = OutboxMessage.objects.using(alias).insert(**values)
+    else:
+        values["debounce_key"] = debouncing.key(name, debounce_key, content_type, payload)
+        message = debouncing.insert(alias, float(debounce), values)
     signals.send(signals.recorded, message=message, using=alias)
     wakeup.after_commit(alias)
 
