@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test faults lint bench clean matrix matrix-ci celery-suite celery-suite-ci
+.PHONY: demo test faults lint bench clean matrix matrix-ci celery-suite celery-suite-ci replica
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -16,6 +16,12 @@ demo: $(BIN)/.installed  ## the seed's system: admin + a worker that relays, SQL
 
 test: $(BIN)/.installed  ## run the tests on every setup whose servers are reachable
 	$(BIN)/python tests/matrix.py $(ARGS)
+
+# A streaming replica of the local PostgreSQL on port 5433, lagging REPLICA_DELAY, for the
+# replica-safe reads tests (tests/replica.py; `start` is a quick check when it already runs).
+REPLICA_DELAY ?= 300ms
+replica: $(BIN)/.installed  ## start the test replica; export the AFTERCOMMIT_TEST_REPLICA_URL it prints
+	$(BIN)/python tests/replica.py start --delay $(REPLICA_DELAY)
 
 faults: $(BIN)/.installed  ## the long fault suite (a short form runs inside `make test`)
 	mkdir -p docs

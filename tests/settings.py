@@ -83,6 +83,20 @@ for db, name in ((default, "default"), (other, "other")):
         db["OPTIONS"] = {"isolation_level": "read committed", "ssl_disabled": True}
 DATABASES = {"default": default, "other": other}
 DATABASE_ROUTERS = ["tests.testapp.routers.TaskRunRouter"]
+# A streaming replica of the PostgreSQL above (`make replica` starts one and prints the URL). It
+# mirrors `default`: pytest-django makes no database on it (the replica replays the primary's test
+# database), and its NAME becomes the primary's test database's.
+REPLICA_URL = os.environ.get("AFTERCOMMIT_TEST_REPLICA_URL", "")
+if REPLICA_URL and default["ENGINE"].endswith("postgresql"):
+    replica = dict(dj_database_url.parse(REPLICA_URL, conn_max_age=0))
+    replica["TEST"] = {"MIRROR": "default"}
+    replica["OPTIONS"] = dict(default.get("OPTIONS", {}))
+    DATABASES["replica"] = replica
+    DATABASE_ROUTERS = [
+        "aftercommit.replicas.ReplicaRouter",
+        *DATABASE_ROUTERS,
+        "tests.testapp.routers.ReplicaReadRouter",
+    ]
 
 # Subprocesses (the Celery worker, the relay) are pointed at the test databases pytest-django made.
 _test_names = os.environ.get("AFTERCOMMIT_TEST_DB_NAMES")
@@ -128,6 +142,9 @@ CELERY_TASK_IGNORE_RESULT = True
 if BROKER_URL.startswith("redis"):
     CELERY_RESULT_BACKEND = BROKER_URL
     CELERY_RESULT_EXPIRES = 600
+# A test module may start its worker with another result backend (e.g. rpc://).
+if os.environ.get("AFTERCOMMIT_TEST_RESULT_BACKEND"):
+    CELERY_RESULT_BACKEND = os.environ["AFTERCOMMIT_TEST_RESULT_BACKEND"]
 # The benchmarks use their own queue, so a test run beside them cannot take their messages.
 CELERY_TASK_DEFAULT_QUEUE = os.environ.get("AFTERCOMMIT_TEST_QUEUE", "celery")
 CELERY_WORKER_HIJACK_ROOT_LOGGER = False

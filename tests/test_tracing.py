@@ -173,20 +173,27 @@ def test_restore__not_what_capture_returns__warns_and_publishes_without_context(
 READ_BACK_QUEUE = "aftercommit-tracing-read-back"
 
 
-def _run_sender(out: Path, queue: str, *args: str) -> dict[str, Any]:
+def _env(broker: Broker, out: Path, **extra: str) -> dict[str, str]:
+    """A test subprocess's environment: the test databases, the broker, where to record."""
+    out.mkdir(parents=True, exist_ok=True)
+    env = {**_subprocess_env(broker), **broker.env, "TRACING_OUT": str(out), **extra}
+    if "TRACING_ROLE" not in extra:
+        env.pop("TRACING_ROLE", None)
+    return env
+
+
+def _run_sender(broker: Broker, out: Path, queue: str, *args: str) -> dict[str, Any]:
     """tests/tracing_app.py's sender: two requests, one sending thread started in the first."""
-    _run_app(out, queue, *args)
+    _run_app(broker, out, queue, *args)
     return json.loads((out / "sender-result.json").read_text())  # type: ignore[no-any-return]
 
 
-def _run_app(out: Path, queue: str, *args: str) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ, DJANGO_SETTINGS_MODULE="tests.settings", TRACING_OUT=str(out))
-    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    env.pop("TRACING_ROLE", None)
+def _run_app(broker: Broker, out: Path, queue: str, *args: str) -> None:
     # -W error: the SDKs must not warn under the suite's filterwarnings = error either.
     argv = [sys.executable, "-W", "error", "-m", "tests.tracing_app", "--queue", queue, *args]
-    done = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        argv, cwd=ROOT, env=_env(broker, out), capture_output=True, text=True, timeout=120
+    )
     assert done.returncode == 0, done.stdout + done.stderr
 
 
@@ -224,7 +231,7 @@ def out(request: pytest.FixtureRequest) -> Path:
 def test_publish_in_another_thread_inside_restore__message_and_span_in_the_requests_trace(
     broker: Broker, out: Path, via: str
 ) -> None:
-    result = _run_sender(out, READ_BACK_QUEUE, "--via", via, "--read-back")
+    result = _run_sender(broker, out, READ_BACK_QUEUE, "--via", via, "--read-back")
     requests, messages = result["requests"], result["messages"]
     producer_spans = {
         _message_id(span): span
@@ -266,7 +273,7 @@ def test_publish_in_another_thread_without_restore__trace_broken(
 ) -> None:
     """The bug restore() fixes, as aftercommit 0.1's publisher thread had it: this is what the
     test above would see without restore()."""
-    result = _run_sender(out, READ_BACK_QUEUE, "--via", via, "--bare", "--read-back")
+    result = _run_sender(broker, out, READ_BACK_QUEUE, "--via", via, "--bare", "--read-back")
     first, second = result["requests"]
     for request in (first, second):
         headers = result["messages"][request["task_id"]]
@@ -282,29 +289,48 @@ def test_publish_in_another_thread_without_restore__trace_broken(
         assert [h.get("sentry-trace") for h in inner] == [None, None]
 
 
+@pytest.mark.services
+@pytest.mark.parametrize("restored", [True, False], ids=["restore", "bare"])
+def test_publish_refused_inside_restore__its_span_does_not_stay_current(
+    broker: Broker, out: Path, restored: bool
+) -> None:
+    """OpenTelemetry's instrumentation leaves its PRODUCER span current in the sending thread
+    when the publish fails (after_task_publish never comes), so the relay's next messages would
+    become its children; restore() puts the thread's context back. Bare: the leak itself."""
+    args = ["--refused-publish"] + ([] if restored else ["--bare"])
+    result = _run_sender(broker, out, READ_BACK_QUEUE, *args)
+    assert result["span_left_current"] is not restored
+
+
 # End to end, with a worker ------------------------------------------------------------------------
+
+
+def _start_worker(broker: Broker, queue: str, out: Path, relays: bool) -> Process:
+    """A worker with both SDKs set up (tests/tracing_app.py) on ``queue``, relaying or not."""
+    settings = json.dumps({"RELAY_IN_WORKER": relays})
+    env = _env(broker, out, TRACING_ROLE="worker", AFTERCOMMIT_TEST_SETTINGS=settings)
+    # Warnings are errors, as under the suite's filterwarnings = error, so an SDK deprecation
+    # shows here; except Celery's about running as root, which CI containers do.
+    env["PYTHONWARNINGS"] = "error,default:You're running the worker with superuser privileges"
+    argv = [sys.executable, "-m", "celery", "-A", "tests.tracing_app", "worker", "-P", "threads"]
+    argv += ["-c", "2", "-Q", queue, "-l", "info", "--without-heartbeat", "--without-gossip"]
+    argv += ["--without-mingle", "-n", f"{queue}-{os.getpid()}@%h"]
+    proc = Process(queue, argv, env)
+    wait_for(lambda: "ready." in proc.output() or proc.proc.poll() is not None, timeout=60)
+    if proc.proc.poll() is not None:
+        raise RuntimeError(f"the tracing worker exited:\n{proc.output()[-3000:]}")
+    return proc
 
 
 @pytest.fixture(scope="module")
 def tracing_worker(
     broker: Broker, django_db_setup: None, django_db_blocker: Any
 ) -> Iterator[tuple[Process, str, Path]]:
-    """A worker with both SDKs set up (tests/tracing_app.py), on a queue of its own."""
+    """A worker that does not relay, for the tests that publish by other means."""
     queue = "aftercommit-tracing"
     out = ARTIFACTS / "tracing" / f"worker-{uuid.uuid4().hex[:8]}"
-    out.mkdir(parents=True, exist_ok=True)
-    env = dict(_subprocess_env(broker), TRACING_ROLE="worker", TRACING_OUT=str(out))
-    # Warnings are errors, as under the suite's filterwarnings = error, so an SDK deprecation
-    # shows here; except Celery's about running as root, which CI containers do.
-    env["PYTHONWARNINGS"] = "error,default:You're running the worker with superuser privileges"
-    argv = [sys.executable, "-m", "celery", "-A", "tests.tracing_app", "worker", "-P", "threads"]
-    argv += ["-c", "2", "-Q", queue, "-l", "info", "--without-heartbeat", "--without-gossip"]
-    argv += ["--without-mingle", "-n", f"tracing-{os.getpid()}@%h"]
-    proc = Process("tracing-worker", argv, env)
+    proc = _start_worker(broker, queue, out, relays=False)
     try:
-        wait_for(lambda: "ready." in proc.output() or proc.proc.poll() is not None, timeout=60)
-        if proc.proc.poll() is not None:
-            raise RuntimeError(f"the tracing worker exited:\n{proc.output()[-3000:]}")
         yield proc, queue, out
     finally:
         proc.stop()
@@ -332,65 +358,115 @@ def _worker_runs(worker_out: Path, requests: list[dict[str, Any]]) -> tuple[dict
     return found
 
 
-@pytest.mark.services
-def test_task_sent_from_another_thread_inside_restore__runs_in_the_requests_trace(
-    tracing_worker: tuple[Process, str, Path], out: Path
+def _assert_in_the_requests_traces(
+    result: dict[str, Any],
+    otel: dict[str, Any],
+    sentry: dict[str, Any],
+    producers: dict[str, Any],
+    sender_out: Path,
 ) -> None:
-    _, queue, worker_out = tracing_worker
-    # TODO(issue 11, relay): send through aftercommit once the relay lands: in each request of
-    # tests/tracing_app.py's play_requests(), `traced.delay(label)` inside `transaction.atomic()`
-    # (the sender then needs _subprocess_env(broker) for the test databases' names), and let the
-    # tracing worker's relay bootstep publish; the assertions stay as they are. Today a thread
-    # of the sender does by hand what the relay will do: restore() around each publish.
-    result = _run_sender(out, queue, "--via", "send_task_message")
-    otel, sentry = _worker_runs(worker_out, result["requests"])
-    for request in result["requests"]:
-        run = otel[request["task_id"]]
-        assert run["name"] == "run/tests.tracing_app.traced"
-        assert run["trace_id"] == request["otel_trace_id"], request["label"]
-        transaction = sentry[request["task_id"]]
-        assert transaction["op"] == "queue.task.celery"
-        assert (transaction["trace_id"], transaction["parent_span_id"]) == (
-            request["sentry_trace_id"],
-            request["sentry_span_id"],
-        ), request["label"]
-
-
-@pytest.mark.services
-def test_task_relayed_by_another_process__runs_in_the_requests_trace(
-    tracing_worker: tuple[Process, str, Path], out: Path
-) -> None:
-    _, queue, worker_out = tracing_worker
-    # TODO(issue 11, relay): dispatch through aftercommit (as above) and publish with
-    # `manage.py aftercommit relay` instead of --relay-from, its process set up with
-    # tests/tracing_app.py's set_up_tracers("relay") (say, from the test settings when
-    # TRACING_ROLE=relay), and the tracing worker's own relay switched off.
-    outbox = out / "outbox.json"
-    result = _run_sender(out, queue, "--dispatch-to", str(outbox))
-    _run_app(out, queue, "--relay-from", str(outbox))
+    """Each request's task: published under the request span, run in the request's trace (for
+    Sentry, as the child of the span current at dispatch); the one dispatched outside any request,
+    sent right after them, in none of their traces."""
     requests, outside = result["requests"], result["outside"]
-    otel, sentry = _worker_runs(worker_out, [*requests, outside])
-    producers = {_message_id(s): s for s in _records(out, "otel-relay-*.jsonl")}
+    # Sentry's own apply_async hook runs at an aftercommit dispatch too (the task goes through
+    # Celery's apply_async), and its headers are stored with the row: the task's parent is then
+    # that hook's queue.submit.celery span, in the request's transaction, as with plain Celery.
+    submit_spans = {
+        span["span_id"]: span["parent_span_id"]
+        for record in _records(sender_out, "sentry-sender-*.jsonl")
+        for span in record["spans"]
+        if span["op"] == "queue.submit.celery"
+    }
     for request in requests:
-        assert producers[request["task_id"]]["parent_span_id"] == request["otel_span_id"]
-        assert otel[request["task_id"]]["trace_id"] == request["otel_trace_id"], request["label"]
-        transaction = sentry[request["task_id"]]
-        assert (transaction["trace_id"], transaction["parent_span_id"]) == (
-            request["sentry_trace_id"],
-            request["sentry_span_id"],
-        ), request["label"]
+        task_id, label = request["task_id"], request["label"]
+        assert producers[task_id]["parent_span_id"] == request["otel_span_id"], label
+        run = otel[task_id]
+        assert run["name"] == "run/tests.tracing_app.traced"
+        assert run["trace_id"] == request["otel_trace_id"], label
+        transaction = sentry[task_id]
+        assert transaction["op"] == "queue.task.celery"
+        assert transaction["trace_id"] == request["sentry_trace_id"], label
+        parent = transaction["parent_span_id"]
+        assert request["sentry_span_id"] in (parent, submit_spans.get(parent)), label
     request_traces = _trace_ids(requests)
     assert otel[outside["task_id"]]["trace_id"] not in request_traces
     assert sentry[outside["task_id"]]["trace_id"] not in request_traces
 
 
+def _producers(out: Path, role: str) -> dict[str | None, dict[str, Any]]:
+    spans = _records(out, f"otel-{role}-*.jsonl")
+    return {_message_id(s): s for s in spans if s["kind"] == "PRODUCER"}
+
+
+@pytest.mark.services
+@pytest.mark.django_db(transaction=True, databases=["default", "other"])  # the outbox
+def test_task_dispatched_in_a_request__the_workers_relay_sends_it__runs_in_the_requests_trace(
+    broker: Broker, tracing_worker: Any, out: Path
+) -> None:
+    """The default deployment: the relay is a thread of the worker (its bootstep)."""
+    queue = "aftercommit-tracing-relayed"
+    worker_out = out / "relaying-worker"
+    worker = _start_worker(broker, queue, worker_out, relays=True)
+    try:
+        result = _run_sender(broker, out, queue, "--aftercommit")
+        otel, sentry = _worker_runs(worker_out, [*result["requests"], result["outside"]])
+    finally:
+        worker.stop()
+    _assert_in_the_requests_traces(result, otel, sentry, _producers(worker_out, "worker"), out)
+
+
+@pytest.mark.services
+@pytest.mark.django_db(transaction=True, databases=["default", "other"])  # the outbox
+def test_task_dispatched_in_a_request__relay_command_sends_it__runs_in_the_requests_trace(
+    broker: Broker, tracing_worker: tuple[Process, str, Path], out: Path
+) -> None:
+    """`manage.py aftercommit relay`, with the SDKs set up in its process; the worker does not
+    relay."""
+    _, queue, worker_out = tracing_worker
+    argv = [sys.executable, "-m", "tests.tracing_app", "--queue", queue, "--run-relay"]
+    relay = Process("tracing-relay", argv, _env(broker, out))
+    try:
+        result = _run_sender(broker, out, queue, "--aftercommit")
+        otel, sentry = _worker_runs(worker_out, [*result["requests"], result["outside"]])
+    finally:
+        relay.stop()
+    _assert_in_the_requests_traces(result, otel, sentry, _producers(out, "relay"), out)
+
+
+@pytest.mark.services
+def test_task_sent_from_another_thread_inside_restore__runs_in_the_requests_trace(
+    broker: Broker, tracing_worker: tuple[Process, str, Path], out: Path
+) -> None:
+    """restore() itself, around a plain Celery publish from a thread of the dispatching
+    process."""
+    _, queue, worker_out = tracing_worker
+    result = _run_sender(broker, out, queue, "--via", "send_task_message")
+    otel, sentry = _worker_runs(worker_out, [*result["requests"], result["outside"]])
+    _assert_in_the_requests_traces(result, otel, sentry, _producers(out, "sender"), out)
+
+
+@pytest.mark.services
+def test_task_relayed_by_another_process__runs_in_the_requests_trace(
+    broker: Broker, tracing_worker: tuple[Process, str, Path], out: Path
+) -> None:
+    """restore() itself in a process other than the dispatching one: the captured text carries
+    everything."""
+    _, queue, worker_out = tracing_worker
+    outbox = out / "outbox.json"
+    result = _run_sender(broker, out, queue, "--dispatch-to", str(outbox))
+    _run_app(broker, out, queue, "--relay-from", str(outbox))
+    otel, sentry = _worker_runs(worker_out, [*result["requests"], result["outside"]])
+    _assert_in_the_requests_traces(result, otel, sentry, _producers(out, "relay"), out)
+
+
 @pytest.mark.services
 def test_task_sent_from_another_thread_without_restore__runs_in_a_wrong_trace(
-    tracing_worker: tuple[Process, str, Path], out: Path
+    broker: Broker, tracing_worker: tuple[Process, str, Path], out: Path
 ) -> None:
     """The bug, end to end, as aftercommit 0.1's publisher thread (send_task) had it."""
     _, queue, worker_out = tracing_worker
-    result = _run_sender(out, queue, "--via", "send_task", "--bare")
+    result = _run_sender(broker, out, queue, "--via", "send_task", "--bare")
     otel, sentry = _worker_runs(worker_out, result["requests"])
     first, second = result["requests"]
     for request in (first, second):

@@ -101,6 +101,10 @@ class FileTransport(Transport):
                     "span_id": trace_context.get("span_id"),
                     "parent_span_id": trace_context.get("parent_span_id"),
                     "tags": payload.get("tags", {}),
+                    "spans": [
+                        {k: span.get(k) for k in ("op", "span_id", "parent_span_id")}
+                        for span in payload.get("spans", [])
+                    ],
                 },
             )
 
@@ -138,21 +142,31 @@ def publish(task_id: str, label: str, queue_name: str, via: str) -> None:
         app.amqp.send_task_message(producer, TASK, message, queue=queue_name)
 
 
-def play_requests(requests: int, dispatched: Any, first_dispatch: Any = None) -> dict[str, Any]:
+def new_task_id(label: str) -> str:
+    return str(uuid.uuid4())
+
+
+def play_requests(
+    requests: int,
+    dispatched: Any = None,
+    first_dispatch: Any = None,
+    dispatch: Any = new_task_id,
+) -> dict[str, Any]:
     """Play ``requests`` web requests that each dispatch one task, then one dispatch outside any
-    request (a management command, say). ``dispatched(task_id, label, captured)`` runs after each
-    request, as a commit hook would; ``first_dispatch()`` inside the first request."""
+    request (a management command, say). ``dispatch(label)`` runs inside the request and returns
+    the task id; ``dispatched(task_id, label, captured)`` after it, as a commit hook would;
+    ``first_dispatch()`` inside the first request."""
     tracer = trace.get_tracer("tests.tracing_app")
     seen = []
     for n in range(1, requests + 1):
         label = f"request-{n}"
-        task_id = str(uuid.uuid4())
         with (
             sentry_sdk.isolation_scope(),  # as Sentry's WSGI middleware does per request
             sentry_sdk.start_transaction(op="http.server", name=f"GET /{label}") as transaction,
             tracer.start_as_current_span(f"GET /{label}", kind=trace.SpanKind.SERVER) as span,
         ):
             captured = tracing.capture()
+            task_id = dispatch(label)
             if n == 1 and first_dispatch is not None:
                 first_dispatch()
             context = span.get_span_context()
@@ -167,11 +181,24 @@ def play_requests(requests: int, dispatched: Any, first_dispatch: Any = None) ->
                     "sentry_span_id": transaction.span_id,
                 }
             )
-        dispatched(task_id, label, captured)  # after the request: after its commit
+        if dispatched is not None:
+            dispatched(task_id, label, captured)  # after the request: after its commit
     # Sent right after the last request's: it must not land in that trace.
-    outside = {"label": "outside", "task_id": str(uuid.uuid4()), "captured": tracing.capture()}
-    dispatched(outside["task_id"], outside["label"], outside["captured"])
+    outside = {"label": "outside", "captured": tracing.capture(), "task_id": dispatch("outside")}
+    if dispatched is not None:
+        dispatched(outside["task_id"], outside["label"], outside["captured"])
     return {"requests": seen, "outside": outside}
+
+
+def through_aftercommit(queue_name: str) -> Any:
+    """A dispatch as the user writes it: the task called inside the request's transaction."""
+    from django.db import transaction
+
+    def dispatch(label: str) -> str:
+        with transaction.atomic():
+            return str(traced.apply_async((label,), queue=queue_name).id)
+
+    return dispatch
 
 
 def send(queue_name: str, via: str, restored: bool, requests: int) -> dict[str, Any]:
@@ -202,6 +229,26 @@ def send(queue_name: str, via: str, restored: bool, requests: int) -> dict[str, 
     if errors:
         raise errors[0]
     return result
+
+
+def refused_publish(queue_name: str, restored: bool) -> dict[str, Any]:
+    """A publish that fails between Celery's before_task_publish and after_task_publish signals
+    (a broker outage): is the PRODUCER span OpenTelemetry started still current afterwards?"""
+    with trace.get_tracer("tests.tracing_app").start_as_current_span("GET /refused"):
+        captured = tracing.capture()
+
+    def refuse(*args: Any, **kwargs: Any) -> None:
+        raise ConnectionError("the broker refused the message")
+
+    with app.producer_or_acquire() as producer:
+        producer.publish = refuse
+        message = app.amqp.create_task_message(str(uuid.uuid4()), TASK, ("refused",), {})
+        with (
+            contextlib.suppress(ConnectionError),
+            tracing.restore(captured) if restored else contextlib.nullcontext(),
+        ):
+            app.amqp.send_task_message(producer, TASK, message, queue=queue_name, retry=False)
+    return {"span_left_current": trace.get_current_span().get_span_context().is_valid}
 
 
 def relay(outbox_path: Path, queue_name: str) -> None:
@@ -245,7 +292,30 @@ def main(argv: list[str] | None = None) -> None:
         "--dispatch-to", type=Path, help="store the dispatches in this file, publish nothing"
     )
     parser.add_argument("--relay-from", type=Path, help="publish the dispatches stored there")
+    parser.add_argument("--refused-publish", action="store_true", help="see refused_publish()")
+    parser.add_argument(
+        "--aftercommit", action="store_true", help="dispatch with apply_async(), publish nothing"
+    )
+    parser.add_argument(
+        "--run-relay", action="store_true", help="run `manage.py aftercommit relay` until SIGTERM"
+    )
     args = parser.parse_args(argv)
+    if args.run_relay:
+        from django.core.management import call_command
+
+        set_up_tracers("relay")
+        call_command("aftercommit", "relay")
+        return
+    if args.aftercommit:
+        set_up_tracers("sender")
+        result = play_requests(args.requests, dispatch=through_aftercommit(args.queue))
+        (OUT / "sender-result.json").write_text(json.dumps(result))
+        return
+    if args.refused_publish:
+        set_up_tracers("sender")
+        result = refused_publish(args.queue, not args.bare)
+        (OUT / "sender-result.json").write_text(json.dumps(result))
+        return
     if args.relay_from:
         set_up_tracers("relay")
         relay(args.relay_from, args.queue)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import re
 from typing import Any
 
 from django.contrib import admin, messages
@@ -16,7 +17,7 @@ from django.contrib.contenttypes.models import ContentType
 from django.core.exceptions import PermissionDenied
 from django.core.paginator import Paginator
 from django.db import connections
-from django.db.models import QuerySet
+from django.db.models import Q, QuerySet
 from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.shortcuts import get_object_or_404
 from django.urls import path
@@ -31,6 +32,8 @@ PAYLOAD_PERMISSION = "aftercommit.view_payload"
 # What the view permission alone must not reveal: the arguments, the send options, the trace.
 PRIVATE_FIELDS = ("payload", "options", "trace")
 PROTECTED_ACTIONS = {"retry_dead_letters": "retry", "discard_dead_letters": "discard"}
+# What a task name looks like (``app.tasks.sync_brand``); a task id rarely does.
+_DOTTED_NAME = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)+")
 
 
 def _age(since: dt.datetime | None) -> str:
@@ -85,25 +88,43 @@ class TaskFilter(admin.SimpleListFilter):
         return queryset.filter(task_name=value) if value else queryset
 
 
-class EstimatedCountPaginator(Paginator):
-    """The unfiltered list on PostgreSQL counts from the planner's statistics, not COUNT(*)."""
+class BoundedCountPaginator(Paginator):
+    """Counts that stay cheap at millions of rows. The unfiltered list on PostgreSQL counts from the
+    planner's statistics; any other list counts at most ``COUNT_LIMIT + 1`` rows (a LIMIT
+    subquery) and shows "10000+" past that, instead of a COUNT(*) over every sent row."""
+
+    COUNT_LIMIT = 10_000
+
+    #: True when the list holds more than ``COUNT_LIMIT`` rows and ``count`` stopped there.
+    count_capped = False
 
     @cached_property
     def count(self) -> int:  # type: ignore[override]
         queryset = self.object_list
-        if isinstance(queryset, QuerySet) and not queryset.query.where:
-            connection = connections[queryset.db]
-            if connection.vendor == "postgresql":
-                with connection.cursor() as cursor:
-                    cursor.execute(
-                        "SELECT reltuples::bigint FROM pg_class WHERE oid = %s::regclass",
-                        [OutboxMessage._meta.db_table],
-                    )
-                    row = cursor.fetchone()
-                estimate = int(row[0]) if row else -1
-                if estimate > 10_000:
-                    return estimate
-        return super().count  # type: ignore[no-any-return]
+        if not isinstance(queryset, QuerySet):
+            return super().count  # type: ignore[no-any-return]
+        if not queryset.query.where:
+            estimate = self._estimate(queryset)
+            if estimate is not None:
+                return estimate
+        # Counted in a subquery with a LIMIT: the database stops after COUNT_LIMIT + 1 rows.
+        counted = queryset.order_by().values("pk")[: self.COUNT_LIMIT + 1].count()
+        self.count_capped = counted > self.COUNT_LIMIT
+        return counted
+
+    @staticmethod
+    def _estimate(queryset: QuerySet[Any]) -> int | None:
+        connection = connections[queryset.db]
+        if connection.vendor != "postgresql":
+            return None
+        with connection.cursor() as cursor:
+            cursor.execute(
+                "SELECT reltuples::bigint FROM pg_class WHERE oid = %s::regclass",
+                [OutboxMessage._meta.db_table],
+            )
+            row = cursor.fetchone()
+        estimate = int(row[0]) if row else -1
+        return estimate if estimate > 10_000 else None
 
 
 @admin.register(OutboxMessage)
@@ -111,10 +132,14 @@ class OutboxMessageAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
     change_list_template = "admin/aftercommit/outboxmessage/change_list.html"
     list_display = ("task_id", "task_name", "state", "attempts", "age", "sent", "error")
     list_filter = (StateFilter, TaskFilter)
-    search_fields = ("=task_name", "=task_id")
+    # Shown as the search box's fields; get_search_results() does the search, by exact values.
+    search_fields = ("task_id", "task_name")
+    search_help_text = "An exact task id, or an exact task name."
     ordering = ("-id",)
     show_full_result_count = False
-    paginator = EstimatedCountPaginator
+    paginator = BoundedCountPaginator
+    if hasattr(admin, "ShowFacets"):  # Django 5.0+: ?_facets=1 would COUNT every filter choice
+        show_facets = admin.ShowFacets.NEVER
     actions = ["retry_dead_letters", "discard_dead_letters"]
     list_per_page = 50
 
@@ -127,6 +152,24 @@ class OutboxMessageAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
     def get_queryset(self, request: HttpRequest) -> QuerySet[Any]:
         # The list and the change view show none of them; the payload view loads them itself.
         return super().get_queryset(request).defer(*PRIVATE_FIELDS)
+
+    def get_search_results(
+        self, request: HttpRequest, queryset: QuerySet[Any], search_term: str
+    ) -> tuple[QuerySet[Any], bool]:
+        """Exact lookups on the parsed term, never ``UPPER(...) = UPPER(...)`` or ``icontains``
+        (a sequential scan over millions of rows): a registered task's name finds its messages;
+        anything else is a task id (an index lookup), or, shaped like a dotted name (a task whose
+        module this process has not imported), either."""
+        term = search_term.strip()
+        if not term:
+            return queryset, False
+        from .operations import celery_app
+
+        if term in celery_app().tasks:
+            return queryset.filter(task_name=term), False
+        if _DOTTED_NAME.fullmatch(term):
+            return queryset.filter(Q(task_id=term) | Q(task_name=term)), False
+        return queryset.filter(task_id=term), False
 
     def lookup_allowed(self, lookup: str, value: str, request: HttpRequest | None = None) -> bool:
         """Only the list's own filters. Any other lookup in the query string

@@ -9,8 +9,9 @@ class AftercommitConfig(AppConfig):
     default_auto_field = "django.db.models.BigAutoField"
 
     def ready(self) -> None:
-        from . import checks, guard, metrics
+        from . import checks, guard, metrics, replicas
 
         metrics.install()  # only does something when prometheus_client is installed
         guard.install_all()
         checks.register()
+        replicas.install()  # the worker's wait; one attribute read per task without a position

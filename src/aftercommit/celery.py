@@ -21,7 +21,7 @@ from celery.result import AsyncResult
 from django.db import connections
 
 from . import debounce as debouncing
-from . import dispatch, guard, once
+from . import dispatch, guard, once, replicas
 from .exceptions import DispatchError
 
 _sending_retry: ContextVar[bool] = ContextVar("aftercommit_sending_retry", default=False)
@@ -132,6 +132,9 @@ class Task(celery.Task):  # type: ignore[misc]
                 f"{self.name}: debounce needs the outbox, and this call publishes at once "
                 f"(after_commit=False). Leave out debounce, or send after the commit."
             )
+        # Replica-safe reads (replicas.py): called from a task that waited for its replicas (a
+        # retry, a chain's next step), the call needs at least the same log position.
+        replicas.carry(options)
         if not after_commit:
             with guard.exempt():  # an explicit choice (opt-out or retry), not a mistake
                 return super().apply_async(

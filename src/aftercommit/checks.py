@@ -19,6 +19,7 @@ STALE_AFTER_SECONDS = 60.0
 def register() -> None:
     checks.register(check_task_class, "aftercommit")
     checks.register(check_eager, "aftercommit")
+    checks.register(check_replicas, "aftercommit")
     checks.register(check_database, "aftercommit", checks.Tags.database)
 
 
@@ -65,6 +66,42 @@ def check_eager(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckMess
             id="aftercommit.W002",
         )
     ]
+
+
+def check_replicas(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckMessage]:
+    from django.db import router
+
+    from . import replicas
+    from .conf import settings
+
+    listed = settings.REPLICAS
+    if not listed:
+        return []
+    messages: list[checks.CheckMessage] = []
+    for alias in listed:
+        problem = replicas.configuration_problem(alias)
+        if problem:
+            messages.append(
+                checks.Error(
+                    problem,
+                    hint="List only aliases of PostgreSQL streaming replicas of a PostgreSQL "
+                    "database; set each one's TEST['MIRROR'] to its primary (default: 'default').",
+                    id="aftercommit.E008",
+                )
+            )
+    name = "aftercommit.replicas.ReplicaRouter"
+    if not router.routers or not isinstance(router.routers[0], replicas.ReplicaRouter):
+        messages.append(
+            checks.Error(
+                f"AFTERCOMMIT['REPLICAS'] lists {', '.join(map(repr, listed))} but {name} is not "
+                f"the first of DATABASE_ROUTERS: a task's reads would still go to a replica that "
+                f"has not replayed the commit that dispatched it.",
+                hint=f"DATABASE_ROUTERS = [{name!r}, *your_routers]; your routers still decide "
+                f"where reads go.",
+                id="aftercommit.E009",
+            )
+        )
+    return messages
 
 
 def check_database(

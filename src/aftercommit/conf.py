@@ -139,6 +139,22 @@ SETTINGS: dict[str, Setting] = {
         "set of COUNT queries per period. 0: read them on every request.",
         minimum=0,
     ),
+    "REPLICAS": Setting(
+        (),
+        (list, tuple),
+        "Aliases of PostgreSQL streaming replicas your routers may send a task's reads to. Before "
+        "a task runs, the worker waits until each replica of the database that dispatched it has "
+        "replayed that commit; put aftercommit.replicas.ReplicaRouter first in DATABASE_ROUTERS. "
+        "A replica belongs to the primary its TEST['MIRROR'] names, else to 'default'.",
+    ),
+    "REPLICA_WAIT": Setting(
+        2.0,
+        (int, float),
+        "Seconds a task waits for a lagging replica before its reads of that replica go to the "
+        "primary instead (signals.replica_fallback counts it). Above ordinary lag, so a replica a "
+        "few hundred ms behind still serves the reads.",
+        minimum=0,
+    ),
 }
 
 

@@ -195,7 +195,13 @@ def install(app: Any) -> None:
     amqp = app.amqp
     if getattr(amqp, _INSTALLED, False):
         return
-    original: Callable[..., Any] = amqp.send_task_message
+    try:
+        original: Callable[..., Any] = amqp.send_task_message
+    except Exception:
+        # Building Celery's sender loads the broker transport: one that cannot load must not stop
+        # Django from starting. Nothing can be published then; the relay reports the setup error.
+        logger.warning("the unsafe-dispatch guard is off for %r: its broker cannot load", app.main)
+        return
 
     @functools.wraps(original)  # its signature stays Celery's (dispatch reads the options)
     def send_task_message(producer: Any, name: str, message: Any, *args: Any, **kwargs: Any) -> Any:

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 from celery.utils.functional import maybe_list
 from celery.utils.nodenames import anon_nodename
 from celery.utils.saferepr import saferepr
-from celery.utils.time import subtract_datetimes
+from celery.utils.time import maybe_make_aware
 from dateutil.parser import isoparse
 from kombu import Exchange
 
@@ -29,12 +29,14 @@ if TYPE_CHECKING:
 
     from .models import OutboxMessage
 
-try:  # Celery 5.5+: native delayed delivery on quorum queues
+try:  # Celery 5.5+: native delayed delivery on quorum queues, and an AMQP expiration
     from celery.utils.quorum_queues import detect_quorum_queues
+    from celery.utils.time import subtract_datetimes
     from kombu.transport.native_delayed_delivery import calculate_routing_key
 except ImportError:  # pragma: no cover - Celery 5.4
     detect_quorum_queues = None  # type: ignore[assignment]
     calculate_routing_key = None  # type: ignore[assignment]
+    subtract_datetimes = None  # type: ignore[assignment]
 
 # The arguments send_task passes to create_task_message by position or by name; the rest of a
 # call's options go to the message builder and the publisher as they are.
@@ -63,14 +65,14 @@ class Builder:
         self.amqp = app.amqp
         conf = app.conf
         self.send_sent_event = bool(conf.task_send_sent_event)
-        self.repr_levels = conf.task_repr_maxlevels
+        # Celery 5.5+ limits the reprs' depth too; 5.4 has no such setting.
+        levels = conf.get("task_repr_maxlevels")
+        self.repr_depth = {} if levels is None else {"maxlevels": levels}
         self.argsrepr_maxsize = self.amqp.argsrepr_maxsize
         self.kwargsrepr_maxsize = self.amqp.kwargsrepr_maxsize
         self.origin = anon_nodename()
         self.accept = allowed_content_types(app)
         self._quorum: bool | None = None
-        # Celery 5.5+ also gives a message with an expiry an AMQP expiration (seconds).
-        self.expiration = detect_quorum_queues is not None
 
     def build(self, row: OutboxMessage) -> Outgoing:
         app = self.app
@@ -89,17 +91,15 @@ class Builder:
         countdown, eta, expires = call["countdown"], call["eta"], call["expires"]
         if (eta or countdown) and self._native_delayed_delivery():
             self._delay_natively(options, countdown, eta)
-        if expires is not None and self.expiration:
+        if expires is not None:  # an AMQP expiration too, in seconds
             options["expiration"] = self._expiration(expires)
         # Computed here, once per batch's settings, unless the call gave them (then they stay in
         # the options, which Celery also passes on to the publish).
         reprs = {}
         if options.get("argsrepr") is None:
-            reprs["argsrepr"] = saferepr(args, self.argsrepr_maxsize, maxlevels=self.repr_levels)
+            reprs["argsrepr"] = saferepr(args, self.argsrepr_maxsize, **self.repr_depth)
         if options.get("kwargsrepr") is None:
-            reprs["kwargsrepr"] = saferepr(
-                kwargs, self.kwargsrepr_maxsize, maxlevels=self.repr_levels
-            )
+            reprs["kwargsrepr"] = saferepr(kwargs, self.kwargsrepr_maxsize, **self.repr_depth)
         message = self.amqp.create_task_message(
             row.task_id, name, args, kwargs, countdown, eta, call["group_id"],
             call["group_index"], expires, call["retries"] or 0, call["chord"],
@@ -139,11 +139,9 @@ class Builder:
             options["routing_key"] = calculate_routing_key(int(countdown), routing_key)
             options["exchange"] = Exchange("celery_delayed_27", type="topic")
 
-    def _expiration(self, expires: Any) -> float:
+    def _expiration(self, expires: Any) -> Any:
+        if isinstance(expires, str):
+            expires = isoparse(expires)
         if isinstance(expires, dt.datetime):
-            seconds = subtract_datetimes(expires, self.app.now()).total_seconds()
-        elif isinstance(expires, str):
-            seconds = subtract_datetimes(isoparse(expires), self.app.now()).total_seconds()
-        else:
-            seconds = expires
-        return max(float(seconds), 0.0)
+            expires = (maybe_make_aware(expires) - self.app.now()).total_seconds()
+        return max(expires, 0)  # Celery sends an expiry already past as 0

@@ -1,8 +1,9 @@
 """Prometheus metrics, when ``prometheus_client`` is installed (nothing happens otherwise).
 
-Counters of messages recorded, sent, retried and dead (by task), a histogram of commit-to-send
-latency, and the backlog per database, read from the outbox when Prometheus scrapes (an index
-range, not a table scan). Exposed wherever the process already serves prometheus_client's registry.
+Counters of messages recorded, sent, retried and dead (by task) and of replica fallbacks (by
+replica), a histogram of commit-to-send latency, and the backlog per database, read from the outbox
+when Prometheus scrapes (an index range, not a table scan). Exposed wherever the process already
+serves prometheus_client's registry.
 """
 
 from __future__ import annotations
@@ -42,6 +43,11 @@ def install(registry: Any = None) -> bool:
     )  # fmt: skip
     dead = counter("aftercommit_messages_dead", "Messages that became dead letters", ["task"],
                    registry=registry)  # fmt: skip
+    fallbacks = counter(
+        "aftercommit_replica_fallbacks",
+        "Tasks whose reads went to the primary: the replica had not caught up in REPLICA_WAIT",
+        ["replica"], registry=registry,
+    )  # fmt: skip
     latency_histogram = prometheus_client.Histogram(
         "aftercommit_commit_to_send_seconds",
         "Seconds from the commit (or, via the relay, from recording) to the broker",
@@ -62,7 +68,11 @@ def install(registry: Any = None) -> bool:
     def on_dead(message: Any, **kwargs: Any) -> None:
         dead.labels(message.task_name).inc()
 
+    def on_replica_fallback(replica: str, **kwargs: Any) -> None:
+        fallbacks.labels(replica).inc()
+
     for signal, receiver in (
+        (signals.replica_fallback, on_replica_fallback),
         (signals.recorded, on_recorded),
         (signals.sent, on_sent),
         (signals.retried, on_retried),

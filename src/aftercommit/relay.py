@@ -26,7 +26,7 @@ from celery import Celery
 from django.db import InterfaceError, OperationalError, connections, router
 from kombu.exceptions import ContentDisallowed
 
-from . import debounce, signals
+from . import debounce, replicas, signals
 from .brokers import Sender
 from .conf import settings
 from .messages import Builder, Outgoing
@@ -39,6 +39,7 @@ CLAIM_LEASE = "claim"  # the single-claimer lease on databases without SKIP LOCK
 HEARTBEAT_PREFIX = "relay:"
 HEARTBEAT_EVERY = 5.0
 PURGE_EVERY = 300.0
+PURGE_STEP_EVERY = 1.0
 T = TypeVar("T")
 
 
@@ -47,7 +48,13 @@ def outbox_aliases() -> list[str]:
     configured = settings.DATABASES
     if configured is not None:
         return list(configured)
-    return [alias for alias in connections if router.allow_migrate_model(alias, OutboxMessage)]
+    # A test mirror (a read replica) is another name for a database that has its own alias.
+    return [
+        alias
+        for alias in connections
+        if not connections.settings[alias].get("TEST", {}).get("MIRROR")
+        and router.allow_migrate_model(alias, OutboxMessage)
+    ]
 
 
 def backoff(failures: int, *, base: float, cap: float) -> float:
@@ -95,6 +102,7 @@ class Relay:
         self._paused_until = 0.0  # the broker is down: no claims before this (monotonic)
         self._last_heartbeat: dict[str, float] = {}
         self._last_purge = 0.0
+        self._last_purge_step = 0.0
         self._purging: list[str] = []
 
     # The loop -----------------------------------------------------------------------------
@@ -122,10 +130,9 @@ class Relay:
                             look.discard(alias)
                 if once and not busy and time.monotonic() >= self._paused_until:
                     break
-                if not busy:
-                    self._upkeep()
-                    if not self.stopping.is_set():
-                        look |= self._wait(waiter, last_look)
+                self._upkeep(busy=busy)
+                if not busy and not self.stopping.is_set():
+                    look |= self._wait(waiter, last_look)
         finally:
             self._shutdown()
             restore()
@@ -198,6 +205,9 @@ class Relay:
         # Debounce (issue 14): a row a newer pending one with the same key replaces is marked
         # superseded, not sent. No query for a batch without debounced rows.
         rows = debounce.drop_superseded(alias, rows)
+        # Replica-safe reads (replicas.py, issue 14): read after the claim, so after every claimed
+        # row's commit. One query, only when the alias has listed replicas.
+        lsn = replicas.position(alias)
         deadline = time.monotonic() + lease * 0.8
         builder = Builder(self.app)
         items: list[Outgoing] = []
@@ -207,6 +217,9 @@ class Relay:
                 items.append(builder.build(row))
             except Exception as exc:  # this row cannot become a message: its own failure
                 failed.append((row, exc))
+        if lsn is not None:  # replica-safe reads: each task waits for its replicas to replay this
+            for item in items:
+                item.options["headers"] = replicas.stamped(item.options.get("headers"), alias, lsn)
         outcome = self.sender.send(items)
         sent = [item.row for item in outcome.sent]
         outbox = OutboxMessage.objects.using(alias)
@@ -337,14 +350,17 @@ class Relay:
         )
         self._last_heartbeat[alias] = time.monotonic()
 
-    def _upkeep(self) -> None:
-        """Between batches, when idle: one bounded purge step at a time, so purging never delays
-        a send by more than one short DELETE, and a stop is honoured between steps."""
-        if not self._purging and time.monotonic() - self._last_purge >= PURGE_EVERY:
-            self._last_purge = time.monotonic()
+    def _upkeep(self, *, busy: bool) -> None:
+        """Between batches: one bounded purge step at a time, so purging never delays a send by
+        more than one short DELETE, and a stop is honoured between steps. A relay that is never
+        idle still takes a step every PURGE_STEP_EVERY seconds."""
+        now = time.monotonic()
+        if not self._purging and now - self._last_purge >= PURGE_EVERY:
+            self._last_purge = now
             self._purging = list(self.aliases)
-        if not self._purging:
+        if not self._purging or (busy and now - self._last_purge_step < PURGE_STEP_EVERY):
             return
+        self._last_purge_step = now
         alias = self._purging[0]
         try:
             deleted = OutboxMessage.objects.using(alias).purge_sent_batch(

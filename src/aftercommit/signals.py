@@ -8,6 +8,8 @@ A receiver that raises is logged and ignored (``send_robust``): observing must n
   (or, for a message the relay sent, since it was recorded).
 - ``retried(message, using, error, attempts)``: a send failed and will be tried again.
 - ``dead(message, using, error, attempts)``: it failed ``MAX_ATTEMPTS`` times: a dead letter.
+- ``replica_fallback(replica, primary, task_name, task_id, waited)``: a listed replica had not
+  replayed a task's commit after ``REPLICA_WAIT`` seconds; that task reads from ``primary``.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ recorded = Signal()
 sent = Signal()
 retried = Signal()
 dead = Signal()
+replica_fallback = Signal()
 
 
 def send(signal: Signal, **kwargs: Any) -> None:

@@ -8,6 +8,13 @@ class Item(models.Model):
     version = models.IntegerField(default=0)
 
 
+class ReplicaItem(Item):
+    """The same rows, read through a router that prefers the replica (tests/test_replicas.py)."""
+
+    class Meta:
+        proxy = True
+
+
 class TaskRun(models.Model):
     """What the worker saw when the task ran."""
 

@@ -11,7 +11,7 @@ from celery import shared_task
 
 from aftercommit.celery import Task as AftercommitTask
 
-from .models import Item, TaskRun
+from .models import Item, ReplicaItem, TaskRun
 
 
 def _record(task: celery.Task, token: str, item_id: int | None, expected: int | None) -> None:
@@ -74,6 +74,45 @@ def fan_out(self: celery.Task, token: str, count: int) -> None:
     with transaction.atomic():
         for i in range(count):
             read_item.delay(token, None, i)
+
+
+@shared_task(bind=True)
+def replaced_by_read_item(self: celery.Task, token: str) -> None:
+    """Records its own run, then hands over to read_item with Celery's ``replace()``, which gives
+    the replacement this task's id (and the rest of a chain this task was part of)."""
+    _record(self, token, None, 0)
+    raise self.replace(read_item.si(token, None, 1))
+
+
+@shared_task
+def add(x: int, y: int) -> int:
+    """Returns a result, for the result backend tests."""
+    return x + y
+
+
+@shared_task(bind=True)
+def read_replica_item(
+    self: celery.Task, token: str, item_id: int, expected: int, retry: bool = False
+) -> None:
+    """Reads through the routers, which prefer the replica; records where the read went and the
+    log position the message carried. With ``retry``, the first run retries once."""
+    if retry and not self.request.retries:
+        raise self.retry(countdown=0)
+    started = time.time()
+    reads = ReplicaItem.objects.filter(pk=item_id)
+    alias = reads.db
+    seen = reads.values_list("version", flat=True).first()
+    req = self.request
+    TaskRun.objects.create(
+        token=token,
+        task_id=req.id,
+        item_id=item_id,
+        expected_version=expected,
+        seen_version=seen,
+        started_at=started,
+        priority=req.retries,
+        headers=json.dumps({"read_from": alias, "lsn": getattr(req, "aftercommit_lsn", None)}),
+    )
 
 
 # Effectively once (issue 14) -------------------------------------------------------------------
