@@ -8,6 +8,9 @@ from django.core.validators import MaxValueValidator
 from django.db import models
 from django.db.models import F
 
+#: Saves of one brand closer together than this propagate once (aftercommit's debounce).
+DEBOUNCE_SECONDS = 2.0
+
 
 class Brand(models.Model):
     #: The fields products copy; editing any other field dispatches nothing.
@@ -38,7 +41,10 @@ class Brand(models.Model):
         if changed:
             Propagation.objects.create(brand=self, version=self.version, changed=changed)
             if propagate:
-                propagate_brand.delay(self.pk)  # the seed's line, unchanged
+                # The seed's line, with debounce: an editor's burst of saves propagates once,
+                # 2 s after the last commit, with the final values (the earlier calls are
+                # superseded; their Propagation rows say so when the run reads the newest one).
+                propagate_brand.apply_async((self.pk,), debounce=DEBOUNCE_SECONDS)
 
     @classmethod
     def from_db(cls, db: str | None, field_names: Any, values: Any, **kwargs: Any) -> Brand:

@@ -136,3 +136,46 @@ def test_admin_edit__every_product_updated_and_page_says_done(
     behind, total = products_behind(db, "Acme")
     assert total > 0
     assert behind == 0
+
+
+def test_burst_of_edits__propagates_once_with_the_final_values(
+    playwright: Any, demo: tuple[str, Path]
+) -> None:
+    """Five saves in a row (each well within the brand's 2 s debounce of the one before): one
+    propagation runs, of the last version; the four before it are superseded, never sent."""
+    from playwright.sync_api import expect
+
+    url, db = demo
+    browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+    try:
+        page = browser.new_page(viewport={"width": 1280, "height": 900})
+        page.goto(url)
+        page.fill("#id_username", "admin")
+        page.fill("#id_password", PASSWORD)
+        page.click("input[type=submit]")
+        page.click("text=Globex")
+        saves = []
+        for discount in (11, 12, 13, 14, 15):
+            page.fill("#id_discount_percent", str(discount))
+            with page.expect_navigation():
+                page.click("input[name=_continue]")
+            saves.append(time.monotonic())
+        status = page.locator("#propagation-status")
+        expect(status).to_contain_text("version 6 (discount_percent): done", timeout=30_000)
+        page.screenshot(path=str(ARTIFACTS / "example-admin-debounce.png"), full_page=True)
+    finally:
+        browser.close()
+    assert saves[-1] - saves[0] < 4 * 2.0, "the saves were too slow to test the debounce"
+    behind, total = products_behind(db, "Globex")
+    assert total > 0
+    assert behind == 0
+    with contextlib.closing(sqlite3.connect(db)) as conn:
+        ran = conn.execute(
+            "SELECT p.version FROM catalog_propagation p JOIN catalog_brand b ON b.id = p.brand_id"
+            " WHERE b.name = 'Globex' AND p.started_at IS NOT NULL"
+        ).fetchall()
+        superseded = conn.execute(
+            "SELECT COUNT(*) FROM aftercommit_outboxmessage WHERE status = 3"
+        ).fetchone()[0]
+    assert ran == [(6,)]  # one run, of the final version
+    assert superseded == 4

@@ -46,6 +46,18 @@ def test_save__copied_field_changed__raises_version_and_dispatches() -> None:
     assert OutboxMessage.objects.count() == 1  # recorded in this transaction, sent after commit
 
 
+def test_saves_of_one_brand__debounced_on_one_key() -> None:
+    brand = make_brand(3)
+    edit(brand, discount_percent=20)
+    edit(brand, discount_percent=30)
+    other = Brand.objects.create(name="Other")
+    other.name = "Other 2"
+    other.save()
+    keys = list(OutboxMessage.objects.order_by("id").values_list("debounce_key", flat=True))
+    assert len(keys) == 3
+    assert keys[0] == keys[1] != keys[2]  # the newest supersedes the older; another brand's not
+
+
 def test_save__other_field_changed__dispatches_nothing() -> None:
     brand = make_brand(3)
     edit(brand, description="new words")

@@ -51,7 +51,7 @@ class StateFilter(admin.SimpleListFilter):
     parameter_name = "state"
 
     def lookups(self, request: HttpRequest, model_admin: Any) -> list[tuple[str, str]]:
-        return [(state, state) for state in ("pending", "retrying", "sent", "dead")]
+        return [(state, state) for state in ("pending", "retrying", "sent", "dead", "superseded")]
 
     def queryset(self, request: HttpRequest, queryset: QuerySet[Any]) -> QuerySet[Any]:
         value = self.value()
@@ -63,6 +63,8 @@ class StateFilter(admin.SimpleListFilter):
             return queryset.filter(status=Status.SENT)
         if value == "dead":
             return queryset.filter(status=Status.DEAD)
+        if value == "superseded":
+            return queryset.filter(status=Status.SUPERSEDED)
         return queryset
 
 

@@ -20,7 +20,9 @@ import celery
 from celery.result import AsyncResult
 from django.db import connections
 
-from . import dispatch, guard, replicas
+from . import debounce as debouncing
+from . import dispatch, guard, once, replicas
+from .exceptions import DispatchError
 
 _sending_retry: ContextVar[bool] = ContextVar("aftercommit_sending_retry", default=False)
 
@@ -28,11 +30,19 @@ _sending_retry: ContextVar[bool] = ContextVar("aftercommit_sending_retry", defau
 class _Call:
     """One apply_async in progress: what its send_task is recorded against."""
 
-    __slots__ = ("task", "using")
+    __slots__ = ("debounce", "debounce_key", "task", "using")
 
-    def __init__(self, task: celery.Task, using: str | None) -> None:
+    def __init__(
+        self,
+        task: celery.Task,
+        using: str | None,
+        debounce: float | None = None,
+        debounce_key: str | None = None,
+    ) -> None:
         self.task = task
         self.using = using
+        self.debounce = debounce
+        self.debounce_key = debounce_key
 
 
 _recording: ContextVar[_Call | None] = ContextVar("aftercommit_recording", default=None)
@@ -56,7 +66,10 @@ def _intercept_send_task(app: celery.Celery) -> None:
             return send_task(name, args, kwargs, **options)
         token = _recording.set(None)  # anything published from here on is another call
         try:
-            return dispatch.record(call.task, args, kwargs, options, using=call.using)
+            return dispatch.record(
+                call.task, args, kwargs, options, using=call.using,
+                debounce=call.debounce, debounce_key=call.debounce_key,
+            )  # fmt: skip
         finally:
             _recording.reset(token)
 
@@ -68,6 +81,18 @@ class Task(celery.Task):  # type: ignore[misc]
     #: ``@shared_task(after_commit=False)`` for a task that reads nothing from the database:
     #: it is published at once, like plain Celery.
     after_commit: bool = True
+    #: ``@shared_task(once=True)``: effectively once for the task's database effects; the body runs
+    #: in a transaction that records the task id on the default database (``once="<alias>"``: on
+    #: that one), and a second delivery of the same id is skipped. See :mod:`aftercommit.once`.
+    once: bool | str = False
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        # once=True: the class's run is wrapped when the class is made (what @shared_task does),
+        # so the worker calls it as any run, and tasks without it are untouched.
+        super().__init_subclass__(**kwargs)
+        once.check(cls.once, getattr(cls, "name", None) or cls.__name__)
+        if cls.once:
+            once.wrap_run(cls)
 
     @classmethod
     def on_bound(cls, app: celery.Celery) -> None:
@@ -89,15 +114,24 @@ class Task(celery.Task):  # type: ignore[misc]
         *,
         using: str | None = None,
         after_commit: bool | None = None,
+        debounce: float | None = None,
+        debounce_key: str | None = None,
         **options: Any,
     ) -> AsyncResult:
         """Send after the current transaction commits; see Celery's ``apply_async`` for options.
 
         ``using``: the database alias whose transaction to join (default: the one with an open
         atomic block). ``after_commit=False``: publish now, like plain Celery.
+        ``debounce=<seconds>``: send once, that long after the commit of the last dispatch with
+        the same arguments (or the same ``debounce_key``); see :mod:`aftercommit.debounce`.
         """
         if after_commit is None:
             after_commit = self.after_commit and not _sending_retry.get()
+        if not after_commit and (debounce is not None or debounce_key is not None):
+            raise DispatchError(
+                f"{self.name}: debounce needs the outbox, and this call publishes at once "
+                f"(after_commit=False). Leave out debounce, or send after the commit."
+            )
         # Replica-safe reads (replicas.py): called from a task that waited for its replicas (a
         # retry, a chain's next step), the call needs at least the same log position.
         replicas.carry(options)
@@ -109,10 +143,12 @@ class Task(celery.Task):  # type: ignore[misc]
         app = self._get_app()
         _intercept_send_task(app)  # a class bound before this module changed (tests)
         if app.conf.task_always_eager:
+            # Eager runs each call at its commit: there is no relay to coalesce them.
+            debouncing.check(self.name, debounce, debounce_key)
             return self._apply_eager_at_commit(
                 args, kwargs, task_id, producer, link, link_error, shadow, using, options
             )
-        token = _recording.set(_Call(self, using))
+        token = _recording.set(_Call(self, using, debounce, debounce_key))
         try:
             result: AsyncResult = super().apply_async(
                 args, kwargs, task_id, producer, link, link_error, shadow, **options

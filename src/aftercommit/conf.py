@@ -100,6 +100,13 @@ SETTINGS: dict[str, Setting] = {
     "PURGE_BATCH_SIZE": Setting(
         1000, int, "Rows deleted per statement by purge, to keep locks short.", minimum=1
     ),
+    "DEBOUNCE_MAX_WAIT": Setting(
+        60.0,
+        (int, float),
+        "Longest a debounced key waits in seconds: when newer dispatches with the same key keep "
+        "superseding the pending one for this long, the relay sends the newest due one anyway.",
+        minimum=0,
+    ),
     "HEALTH_MAX_BACKLOG": Setting(
         10_000,
         int,

@@ -30,6 +30,7 @@ from kombu import serialization
 from kombu.exceptions import ContentDisallowed, DecodeError, EncodeError
 from kombu.utils import json as kombu_json
 
+from . import debounce as debouncing
 from . import signals, tracing, wakeup
 from .conf import settings
 from .exceptions import AmbiguousDatabaseError, DispatchError
@@ -50,7 +51,7 @@ LOCAL_OPTIONS = frozenset(
     }
 )  # fmt: skip
 # Ours, not Celery's.
-OWN_OPTIONS = frozenset({"using", "after_commit"})
+OWN_OPTIONS = frozenset({"using", "after_commit", "debounce", "debounce_key"})
 
 BINARY = "binary"
 # Stored with a call whose args were a list: Celery's argsrepr header shows the args as given.
@@ -367,10 +368,13 @@ def record(
     options: dict[str, Any],
     *,
     using: str | None,
+    debounce: float | None = None,
+    debounce_key: str | None = None,
 ) -> AsyncResult:
     """Validate the call, INSERT its row in the caller's transaction, return its result.
 
     ``options`` are the keyword arguments Celery's ``apply_async`` gave ``send_task``.
+    ``debounce``: see :mod:`aftercommit.debounce`.
     """
     app = task._get_app()
     name = task.name
@@ -382,6 +386,7 @@ def record(
     args = () if args is None else args
     kwargs = {} if kwargs is None else kwargs
     check_options(app, name, options)
+    debouncing.check(name, debounce, debounce_key)
     alias = resolve_alias(using, name)
     serializer = options.get("serializer") or task.serializer or app.conf.task_serializer
     content_type, content_encoding, payload = encode_arguments(name, args, kwargs, serializer)
@@ -415,16 +420,21 @@ def record(
             f"AFTERCOMMIT['MAX_PAYLOAD_BYTES']."
         )
 
-    message = OutboxMessage.objects.using(alias).insert(
-        task_id=task_id,
-        task_name=name,
-        payload=payload,
-        content_type=content_type,
-        content_encoding=content_encoding,
-        options=encoded_options,
-        trace=tracing.capture(),
-        status=Status.PENDING,
-    )
+    values: dict[str, Any] = {
+        "task_id": task_id,
+        "task_name": name,
+        "payload": payload,
+        "content_type": content_type,
+        "content_encoding": content_encoding,
+        "options": encoded_options,
+        "trace": tracing.capture(),
+        "status": Status.PENDING,
+    }
+    if debounce is None:
+        message = OutboxMessage.objects.using(alias).insert(**values)
+    else:
+        values["debounce_key"] = debouncing.key(name, debounce_key, content_type, payload)
+        message = debouncing.insert(alias, float(debounce), values)
     signals.send(signals.recorded, message=message, using=alias)
     wakeup.after_commit(alias)
 

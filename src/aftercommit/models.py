@@ -27,6 +27,8 @@ class Status(models.IntegerChoices):
     PENDING = 0, "pending"
     SENT = 1, "sent"
     DEAD = 2, "dead"
+    # A debounced message a later dispatch with the same key replaced: never sent (issue 14).
+    SUPERSEDED = 3, "superseded"
 
 
 def later(seconds: float) -> ExpressionWrapper:
@@ -200,6 +202,14 @@ class OutboxMessageQuerySet(models.QuerySet["OutboxMessage"]):
             .order_by("sent_at")
             .values_list("id", flat=True)[:batch_size]
         )
+        # Debounce (issue 14): superseded rows go with the sent ones. Their due_at is the time they
+        # were superseded, so this is a range of the claim index.
+        if len(ids) < batch_size:
+            ids += list(
+                self.filter(status=Status.SUPERSEDED, due_at__lt=later(-older_than))
+                .order_by("due_at")
+                .values_list("id", flat=True)[: batch_size - len(ids)]
+            )
         if not ids:
             return 0
         deleted, _ = self.model.objects.using(self.db).filter(id__in=ids).delete()
@@ -279,6 +289,13 @@ class OutboxMessage(models.Model):
     sent_at = models.DateTimeField(null=True, blank=True)
     attempts = models.PositiveIntegerField(default=0)
     last_error = models.TextField(blank=True, default="")
+    debounce_key = models.CharField(  # noqa: DJ001 - NULL: not debounced (no key), not ""
+        max_length=64,
+        null=True,
+        blank=True,
+        help_text="Debounced calls: a hash of the task and its key; a newer pending message with "
+        "the same key supersedes this one.",
+    )
 
     objects = OutboxMessageQuerySet.as_manager()
 
@@ -291,6 +308,8 @@ class OutboxMessage(models.Model):
             models.Index(fields=["status", "due_at", "id"], name="aftercommit_claim"),
             # Sent in the last minute, and retention: both a range of sent_at.
             models.Index(fields=["sent_at"], name="aftercommit_sent_at"),
+            # Debounce: the newest pending message of a key.
+            models.Index(fields=["debounce_key", "id"], name="aftercommit_debounce"),
         ]
         permissions = [
             ("view_payload", "Can read the arguments of outbox messages"),
@@ -348,3 +367,35 @@ class Lease(models.Model):
 
     def __str__(self) -> str:
         return f"{self.name} held by {self.holder} until {self.expires_at}"
+
+
+class OnceRecordQuerySet(models.QuerySet["OnceRecord"]):
+    def purge_batch(self, *, older_than: float, batch_size: int) -> int:
+        """Delete up to ``batch_size`` records older than ``older_than`` seconds: one short
+        statement, like the outbox's purge."""
+        ids = list(
+            self.filter(done_at__lt=later(-older_than))
+            .order_by("done_at")
+            .values_list("task_id", flat=True)[:batch_size]
+        )
+        if not ids:
+            return 0
+        deleted, _ = self.model.objects.using(self.db).filter(task_id__in=ids).delete()
+        return deleted
+
+
+class OnceRecord(models.Model):
+    """A ``once=True`` task whose run committed: written in the same transaction as its effects,
+    so a second delivery of the same task id finds it and does not run the body again."""
+
+    task_id = models.CharField(max_length=255, primary_key=True)
+    task_name = models.CharField(max_length=255)
+    done_at = models.DateTimeField(db_index=True, help_text="Committed, by the database's clock.")
+
+    objects = OnceRecordQuerySet.as_manager()
+
+    class Meta:
+        verbose_name = "once record"
+
+    def __str__(self) -> str:
+        return f"{self.task_name} [{self.task_id}]"

@@ -9,6 +9,7 @@ from celery import current_app as celery_current_app
 from django.db import connections
 from kombu.utils.imports import symbol_by_name
 
+from . import once
 from .conf import settings
 from .models import OutboxMessage
 from .relay import Relay, outbox_aliases
@@ -98,6 +99,11 @@ def format_status(report: dict[str, Any]) -> str:
 
 def purge(databases: list[str] | None, older_than: float | None) -> dict[str, int]:
     return {alias: purge_alias(alias, older_than=older_than) for alias in _aliases(databases)}
+
+
+def purge_once_records(databases: list[str] | None, older_than: float | None) -> dict[str, int]:
+    """The ``once=True`` records past the retention window (see :mod:`aftercommit.once`)."""
+    return {alias: once.purge(alias, older_than=older_than) for alias in _aliases(databases)}
 
 
 def replay_dead(databases: list[str] | None) -> dict[str, int]:

@@ -26,7 +26,7 @@ from celery import Celery
 from django.db import InterfaceError, OperationalError, connections, router
 from kombu.exceptions import ContentDisallowed
 
-from . import replicas, signals
+from . import debounce, replicas, signals
 from .brokers import Sender
 from .conf import settings
 from .messages import Builder, Outgoing
@@ -201,6 +201,10 @@ class Relay:
         )
         if not rows:
             return 0
+        claimed = len(rows)
+        # Debounce (issue 14): a row a newer pending one with the same key replaces is marked
+        # superseded, not sent. No query for a batch without debounced rows.
+        rows = debounce.drop_superseded(alias, rows)
         # Replica-safe reads (replicas.py, issue 14): read after the claim, so after every claimed
         # row's commit. One query, only when the alias has listed replicas.
         lsn = replicas.position(alias)
@@ -243,7 +247,7 @@ class Relay:
                 len(rows),
                 settings.LEASE,
             )
-        return len(rows)
+        return claimed
 
     def _settle(self, alias: str, write: Callable[[], T]) -> T:
         """A write after a publish, tried again on a fresh connection until it succeeds or the

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import json
 import time
+from typing import Any
 
 import celery
 from celery import shared_task
+
+from aftercommit.celery import Task as AftercommitTask
 
 from .models import Item, ReplicaItem, TaskRun
 
@@ -110,3 +113,41 @@ def read_replica_item(
         priority=req.retries,
         headers=json.dumps({"read_from": alias, "lsn": getattr(req, "aftercommit_lsn", None)}),
     )
+
+
+# Effectively once (issue 14) -------------------------------------------------------------------
+
+
+class CountingTask(AftercommitTask):
+    """Counts every delivery before the body (and before a once-task's check), in the other
+    database: outside the once-transaction, so a skipped duplicate is still counted. A user's own
+    base class, as ``base=`` takes it."""
+
+    def before_start(self, task_id: str, args: Any, kwargs: Any) -> None:
+        TaskRun.objects.create(token=args[0], task_id=task_id, started_at=time.time())
+
+
+@shared_task(bind=True, base=CountingTask, once=True, ignore_result=False)
+def once_effect(
+    self: celery.Task, token: str, n: int, sleep: float = 0.0, fail_first: bool = False
+) -> int:
+    """Its effect is an Item row (the default database, the once-transaction's)."""
+    Item.objects.create(name=token, version=n)
+    if sleep:
+        time.sleep(sleep)
+    if fail_first and not self.request.retries:
+        raise self.retry(countdown=0.2, max_retries=3)
+    return n
+
+
+@shared_task(base=CountingTask, once=True)
+def once_unbound(token: str, n: int) -> None:
+    """The same without bind=True (Celery makes run a staticmethod)."""
+    Item.objects.create(name=token, version=n)
+
+
+@shared_task(bind=True, base=CountingTask, once=True)
+def once_replaced(self: celery.Task, token: str) -> None:
+    """Writes its effect, then hands over to another task (which keeps this task id)."""
+    Item.objects.create(name=token, version=0)
+    raise self.replace(read_item.s(token))

@@ -52,6 +52,10 @@ class Command(BaseCommand):
             elif action == "purge":
                 for alias, deleted in operations.purge(databases, options["older_than"]).items():
                     self.stdout.write(f"{alias}: deleted {deleted} sent message(s)")
+                for alias, deleted in operations.purge_once_records(
+                    databases, options["older_than"]
+                ).items():
+                    self.stdout.write(f"{alias}: deleted {deleted} once record(s)")
             elif action == "replay":
                 for alias, count in operations.replay_dead(databases).items():
                     self.stdout.write(f"{alias}: {count} dead letter(s) due again")
