@@ -30,7 +30,7 @@ from . import debounce, replicas, signals
 from .brokers import Sender
 from .conf import settings
 from .messages import Builder, Outgoing
-from .models import Lease, OutboxMessage, database_now
+from .models import Lease, OnceRecord, OutboxMessage, database_now
 from .wakeup import Waiter
 
 logger = logging.getLogger("aftercommit.relay")
@@ -363,10 +363,15 @@ class Relay:
         self._last_purge_step = now
         alias = self._purging[0]
         try:
+            batch = settings.PURGE_BATCH_SIZE
             deleted = OutboxMessage.objects.using(alias).purge_sent_batch(
-                older_than=settings.RETENTION, batch_size=settings.PURGE_BATCH_SIZE
+                older_than=settings.RETENTION, batch_size=batch
             )
-            if deleted < settings.PURGE_BATCH_SIZE:
+            # once=True tasks' records of what ran, kept as long as the messages that ran them.
+            deleted_records = OnceRecord.objects.using(alias).purge_batch(
+                older_than=settings.RETENTION, batch_size=batch
+            )
+            if deleted < batch and deleted_records < batch:
                 self._purging.pop(0)
                 Lease.objects.using(alias).expired_before(24 * 3600)
         except Exception:
