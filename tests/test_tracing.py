@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 
 from aftercommit import tracing
-from tests.conftest import ARTIFACTS, ROOT, Broker, Process, _subprocess_env, wait_for
+from tests.support import ARTIFACTS, ROOT, Broker, Process, subprocess_env, wait_for
 
 # The hook, with stand-in tracers ------------------------------------------------------------------
 
@@ -293,7 +293,7 @@ def tracing_worker(
     queue = "aftercommit-tracing"
     out = ARTIFACTS / "tracing" / f"worker-{uuid.uuid4().hex[:8]}"
     out.mkdir(parents=True, exist_ok=True)
-    env = dict(_subprocess_env(broker), TRACING_ROLE="worker", TRACING_OUT=str(out))
+    env = dict(subprocess_env(broker), TRACING_ROLE="worker", TRACING_OUT=str(out))
     # Warnings are errors, as under the suite's filterwarnings = error, so an SDK deprecation
     # shows here; except Celery's about running as root, which CI containers do.
     env["PYTHONWARNINGS"] = "error,default:You're running the worker with superuser privileges"
@@ -339,7 +339,7 @@ def test_task_sent_from_another_thread_inside_restore__runs_in_the_requests_trac
     _, queue, worker_out = tracing_worker
     # TODO(issue 11, relay): send through aftercommit once the relay lands: in each request of
     # tests/tracing_app.py's play_requests(), `traced.delay(label)` inside `transaction.atomic()`
-    # (the sender then needs _subprocess_env(broker) for the test databases' names), and let the
+    # (the sender then needs subprocess_env(broker) for the test databases' names), and let the
     # tracing worker's relay bootstep publish; the assertions stay as they are. Today a thread
     # of the sender does by hand what the relay will do: restore() around each publish.
     result = _run_sender(out, queue, "--via", "send_task_message")
