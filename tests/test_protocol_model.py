@@ -40,7 +40,8 @@ from unittest import mock
 
 import pytest
 from django.conf import settings as django_settings
-from django.db import connections, transaction
+from django.db import InterfaceError, connections, transaction
+from django.db import OperationalError as DatabaseOperationalError
 from django.db.models import F
 from django.test import override_settings
 from django.utils import timezone
@@ -48,9 +49,7 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.database import DirectoryBasedExampleDatabase
 from hypothesis.stateful import (
-    Bundle,
     RuleBasedStateMachine,
-    consumes,
     initialize,
     invariant,
     precondition,
@@ -86,6 +85,9 @@ LONGEST_WAIT = max(LEASE, SETTINGS["BACKOFF_MAX"], SETTINGS["BROKER_BACKOFF_MAX"
 # The database's clock and the model's differ by the real time a run takes: leases are judged with
 # this much slack (a claim this close to a lease's end is neither a violation nor excused).
 SLACK = 2.0
+# Senders driven a step at a time, as separate relay processes would be.
+SENDER_NAMES = ("hand-1", "hand-2")
+SENDERS = st.sampled_from(SENDER_NAMES)
 SOAK_EXAMPLES = int(os.environ.get("AFTERCOMMIT_SOAK_EXAMPLES") or 0)
 T = TypeVar("T")
 
@@ -170,7 +172,20 @@ class SenderThread:
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model-sender")
 
     def __call__(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """Run ``fn`` there; on a connection the server dropped, reconnect and run it again once
+        (as the relay does: its loop reconnects, and its writes after a publish are retried)."""
+        return self.pool.submit(self._again_on_a_lost_connection, fn, *args, **kwargs).result(120)
+
+    def raw(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         return self.pool.submit(fn, *args, **kwargs).result(timeout=120)
+
+    @staticmethod
+    def _again_on_a_lost_connection(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        try:
+            return fn(*args, **kwargs)
+        except (DatabaseOperationalError, InterfaceError):
+            connections[ALIAS].close()
+            return fn(*args, **kwargs)
 
     def close(self) -> None:
         self(connections.close_all)
@@ -252,8 +267,6 @@ def counted(rule_fn: Callable[..., Any]) -> Callable[..., Any]:
 class ProtocolModel(RuleBasedStateMachine):
     thread: SenderThread  # set by the test, shared by every run
 
-    senders = Bundle("senders")
-
     def __init__(self) -> None:
         super().__init__()
         STATS["examples"] += 1
@@ -273,6 +286,8 @@ class ProtocolModel(RuleBasedStateMachine):
         self.started = time.monotonic()
         self.holds: dict[str, tuple[str, float]] = {}  # task id -> (holder, lease end, model time)
         self.hand: dict[str, HandSender] = {}
+        for name in SENDER_NAMES:
+            self._start_sender(name)
         self.relay = self._new_relay()
         self.app_clock = 0.0
         self.clock_patch: contextlib.ExitStack | None = None
@@ -393,17 +408,6 @@ class ProtocolModel(RuleBasedStateMachine):
         self.wrote = False
         self.broken = False
 
-    @rule()
-    @counted
-    def drop_caller_connection(self) -> None:
-        """The caller's connection is lost; inside a transaction, that transaction is lost."""
-        connections[ALIAS].close()
-        if self.levels:
-            self.broken = True
-            for level in self.levels:
-                self.rolled_back.update(level.ids)
-                level.ids.clear()
-
     @rule(seconds=st.sampled_from([-60.0, 60.0]))
     @counted
     def jump_caller_clock(self, seconds: float) -> None:
@@ -423,16 +427,16 @@ class ProtocolModel(RuleBasedStateMachine):
 
     # The broker and the database's clock ---------------------------------------------------------
 
-    @rule(up=st.booleans())
+    @rule(event=st.sampled_from(["down", "up", "refuses one message"]))
     @counted
-    def broker_switch(self, up: bool) -> None:
-        self.broker.up = up
-
-    @rule(n=st.integers(1, 2))
-    @counted
-    def refuse_messages(self, n: int) -> None:
-        """The next ``n`` publishes fail on their own (not an outage): retried with backoff."""
-        self.broker.refuse_next += n
+    def broker(self, event: str) -> None:
+        """The broker goes down or comes back (an outage: no attempt used), or the next publish
+        fails on its own (that message's failure: retried with backoff)."""
+        STATS[f"broker: {event}"] += 1
+        if event == "refuses one message":
+            self.broker.refuse_next += 1
+        else:
+            self.broker.up = event == "up"
 
     @precondition(lambda self: self._senders_may_run())
     @rule(seconds=st.sampled_from([0.5, 2.0, LEASE + SLACK]))
@@ -447,32 +451,50 @@ class ProtocolModel(RuleBasedStateMachine):
             if any(self.holds.get(r.task_id, ("", now))[1] <= now + SLACK for r in hand.rows):
                 self._excuse((r.task_id for r in hand.rows), "a sender outlived its lease")
 
-    @precondition(lambda self: self._senders_may_run())
-    @rule()
+    @rule(side=st.sampled_from(["caller", "sender"]))
     @counted
-    def drop_sender_connection(self) -> None:
-        self.thread(drop_connection, ALIAS)
+    def drop_connection(self, side: str) -> None:
+        """A connection is lost. The caller's, inside a transaction: that transaction is lost (the
+        calls after it fail). A sender's: its next statement fails, and it reconnects."""
+        STATS[f"connection dropped: {side}"] += 1
+        if side == "sender":
+            if self._senders_may_run():
+                self.thread(drop_connection, ALIAS)
+            return
+        connections[ALIAS].close()
+        if self.levels:
+            self.broken = True
+            for level in self.levels:
+                self.rolled_back.update(level.ids)
+                level.ids.clear()
 
     # Senders driven a step at a time -------------------------------------------------------------
 
-    @rule(target=senders)
-    @counted
-    def start_sender(self) -> str:
-        name = f"hand-{len(self.hand) + 1}"
-        self.hand[name] = HandSender(name, f"model:{name}:{uuid.uuid4().hex[:6]}", self._sender())
-        return name
-
-    def _sender(self) -> DoubleSender:
-        return DoubleSender(self.broker)
+    def _start_sender(self, name: str) -> None:
+        holder = f"model:{name}:{uuid.uuid4().hex[:6]}"
+        self.hand[name] = HandSender(name, holder, DoubleSender(self.broker))
 
     @precondition(lambda self: self._senders_may_run())
-    @rule(name=senders, limit=st.integers(1, 4))
+    @rule(name=SENDERS, limit=st.integers(1, 4), crash=st.sampled_from([False, False, True]))
     @counted
-    def claim(self, name: str, limit: int) -> None:
-        hand = self.hand.get(name)
-        if hand is None or hand.stage != "idle":
+    def sender_step(self, name: str, limit: int, crash: bool) -> None:
+        """The sender's next step: claim up to ``limit`` messages, publish them, or mark them; or
+        it crashes after the step it took last."""
+        hand = self.hand[name]
+        if crash:
+            STATS[f"sender: crash when {hand.stage}"] += 1
+            self._crash(name)
             return
+        STATS[f"sender: {hand.stage}"] += 1
+        if hand.stage == "idle":
+            self._claim(hand, limit)
+        elif hand.stage == "claimed":
+            builder = Builder(app)
+            hand.outcome = self.thread(hand.sender.send, [builder.build(r) for r in hand.rows])
+        else:
+            self._mark(hand)
 
+    def _claim(self, hand: HandSender, limit: int) -> None:
         def claim() -> list[OutboxMessage]:
             if self.sqlite and not Lease.objects.using(ALIAS).acquire(
                 CLAIM_LEASE, hand.holder, seconds=LEASE
@@ -484,23 +506,8 @@ class ProtocolModel(RuleBasedStateMachine):
         self._took(hand.holder, rows)
         hand.rows = rows
 
-    @rule(name=senders)
-    @counted
-    def publish(self, name: str) -> None:
-        hand = self.hand.get(name)
-        if hand is None or hand.stage != "claimed":
-            return
-        builder = Builder(app)
-        hand.outcome = self.thread(hand.sender.send, [builder.build(r) for r in hand.rows])
-
-    @precondition(lambda self: self._senders_may_run())
-    @rule(name=senders)
-    @counted
-    def mark(self, name: str) -> None:
+    def _mark(self, hand: HandSender) -> None:
         """Settle a published batch the way the relay does."""
-        hand = self.hand.get(name)
-        if hand is None or hand.stage != "published":
-            return
         outcome = hand.outcome
         assert outcome is not None
 
@@ -523,14 +530,13 @@ class ProtocolModel(RuleBasedStateMachine):
         self._released(hand.holder, hand.rows)
         hand.rows, hand.outcome = [], None
 
-    @rule(name=consumes(senders))
-    @counted
-    def crash_sender(self, name: str) -> None:
-        """The sender dies after its last step: what it claimed stays leased until the lease ends;
-        what it published and did not mark may be published again."""
-        hand = self.hand.pop(name, None)
-        if hand is not None and hand.outcome is not None:
+    def _crash(self, name: str) -> None:
+        """The sender dies, and another starts in its place: what it claimed stays leased until
+        the lease ends; what it published and did not mark may be published again."""
+        hand = self.hand[name]
+        if hand.outcome is not None:
             self._excuse((item.row.task_id for item in hand.outcome.sent), "a sender crashed")
+        self._start_sender(name)
 
     # The real relay, a whole batch at once -------------------------------------------------------
 
@@ -548,7 +554,14 @@ class ProtocolModel(RuleBasedStateMachine):
         relay.sender = faulty  # type: ignore[assignment]
         before = len(self.broker.published)
         try:
-            self.thread(relay.run_batch, ALIAS)
+            self.thread.raw(relay.run_batch, ALIAS)
+        except (DatabaseOperationalError, InterfaceError):
+            # The connection was dropped before this batch: the relay's loop logs it, reconnects
+            # and tries again later; nothing was claimed.
+            STATS["relay: batch failed on a lost connection"] += 1
+            assert len(self.broker.published) == before, "published, then failed to settle"
+            self.thread.raw(connections[ALIAS].close)
+            return
         except Crash:
             STATS[f"relay: {fault}"] += 1
             self._took(relay.holder, [item.row for item in faulty.items])
@@ -643,7 +656,7 @@ def _clean() -> None:
 
 
 def test_outbox_protocol__holds_under_random_interleavings_and_faults(capsys) -> None:  # type: ignore[no-untyped-def]
-    examples = SOAK_EXAMPLES or 30
+    examples = SOAK_EXAMPLES or 50
     ProtocolModel.thread = SenderThread()
     STATS.clear()
     started = time.monotonic()
@@ -676,6 +689,6 @@ def summary(outcome: str, seconds: float) -> str:
         f"{STATS['committed']} committed and {STATS['rolled back']} rolled-back messages, "
         f"{STATS['publishes']} publishes"
     ]
-    parts += [f"  {key}: {n}" for key, n in sorted(STATS.items()) if key.startswith("duplicates")]
-    parts += [f"  {key}: {n}" for key, n in sorted(STATS.items()) if key.startswith("step:")]
+    totals = {"examples", "steps", "committed", "rolled back", "publishes"}
+    parts += [f"  {key}: {n}" for key, n in sorted(STATS.items()) if key not in totals]
     return "\n".join(parts)
