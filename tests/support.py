@@ -27,6 +27,9 @@ from django.db import connections
 ROOT = Path(__file__).resolve().parent.parent
 ARTIFACTS = Path(os.environ.get("AFTERCOMMIT_ARTIFACTS", ROOT / ".artifacts"))
 REQUIRE_SERVICES = os.environ.get("REQUIRE_SERVICES") == "1"
+# Hypothesis keeps its example database and caches here, not in a .hypothesis/ at the root.
+HYPOTHESIS_DIR = ARTIFACTS / "hypothesis"
+os.environ.setdefault("HYPOTHESIS_STORAGE_DIRECTORY", str(HYPOTHESIS_DIR))
 
 
 def wait_for(

@@ -31,14 +31,14 @@ from aftercommit.exceptions import DispatchError
 from aftercommit.messages import Builder
 from aftercommit.models import OutboxMessage
 from tests.celery_app import app
-from tests.support import ARTIFACTS
+from tests.support import HYPOTHESIS_DIR
 
 pytestmark = pytest.mark.django_db
 
 FUZZ = settings(
     max_examples=300,
     deadline=None,
-    database=DirectoryBasedExampleDatabase(str(ARTIFACTS / "hypothesis")),
+    database=DirectoryBasedExampleDatabase(str(HYPOTHESIS_DIR / "examples")),
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
 

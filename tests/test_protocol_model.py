@@ -65,7 +65,7 @@ from aftercommit.messages import Builder, Outgoing
 from aftercommit.models import Lease, OutboxMessage, Status, database_now
 from aftercommit.relay import CLAIM_LEASE, Relay, broker_backoff, message_backoff
 from tests.celery_app import app
-from tests.support import ARTIFACTS
+from tests.support import HYPOTHESIS_DIR
 from tests.testapp.tasks import read_item
 
 pytestmark = pytest.mark.django_db(transaction=True, databases=["default", "other"])
@@ -669,7 +669,7 @@ def test_outbox_protocol__holds_under_random_interleavings_and_faults(capsys) ->
                     max_examples=examples,
                     stateful_step_count=50 if SOAK_EXAMPLES else 25,
                     deadline=None,
-                    database=DirectoryBasedExampleDatabase(str(ARTIFACTS / "hypothesis")),
+                    database=DirectoryBasedExampleDatabase(str(HYPOTHESIS_DIR / "examples")),
                     suppress_health_check=list(HealthCheck),
                     print_blob=True,
                 ),
