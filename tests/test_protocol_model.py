@@ -88,6 +88,10 @@ SLACK = 2.0
 # Senders driven a step at a time, as separate relay processes would be.
 SENDER_NAMES = ("hand-1", "hand-2")
 SENDERS = st.sampled_from(SENDER_NAMES)
+OVERRUN = "a sender outlived its lease"
+# Set to 1 once settling is fenced by the claim (see _overrun_gap): the model then judges those
+# claims too.
+SETTLES_FENCED = os.environ.get("AFTERCOMMIT_MODEL_FENCED_SETTLES") == "1"
 SOAK_EXAMPLES = int(os.environ.get("AFTERCOMMIT_SOAK_EXAMPLES") or 0)
 T = TypeVar("T")
 
@@ -318,12 +322,18 @@ class ProtocolModel(RuleBasedStateMachine):
                 f"({'rolled back' if row.task_id in self.rolled_back else 'still open'})"
             )
             held = self.holds.get(row.task_id)
-            if held is not None and held[0] != holder:
+            if held is not None and held[0] != holder and not self._overrun_gap(row.task_id):
                 assert now >= held[1] - SLACK, (
                     f"{row.task_id} claimed by {holder} while {held[0]} holds it for another "
                     f"{held[1] - now:.1f}s"
                 )
             self.holds[row.task_id] = (holder, now + LEASE)
+
+    def _overrun_gap(self, task_id: str) -> bool:
+        """A known gap, reported: settling is not fenced by the claim, so a sender that outlived
+        its lease can hand back a row another sender now holds, and a third may take it (see
+        tests/unit/test_models.py). Its duplicates are excused; its claims are not judged."""
+        return not SETTLES_FENCED and self.excused.get(task_id) == OVERRUN
 
     def _released(self, holder: str, rows: list[OutboxMessage]) -> None:
         for row in rows:
@@ -449,7 +459,7 @@ class ProtocolModel(RuleBasedStateMachine):
         # may send its messages, and it may still send them too.
         for hand in self.hand.values():
             if any(self.holds.get(r.task_id, ("", now))[1] <= now + SLACK for r in hand.rows):
-                self._excuse((r.task_id for r in hand.rows), "a sender outlived its lease")
+                self._excuse((r.task_id for r in hand.rows), OVERRUN)
 
     @rule(side=st.sampled_from(["caller", "sender"]))
     @counted

@@ -149,3 +149,18 @@ def test_lease_release__another_holder_takes_it_at_once() -> None:
     Lease.objects.acquire("claim", "a", seconds=60)
     Lease.objects.release("claim", "a")
     assert Lease.objects.acquire("claim", "b", seconds=60)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="reschedule/record_failure are not fenced by the claim: a sender that outlived its "
+    "lease hands back a row another sender now holds, and a third may claim it while the "
+    "second is still sending it (found by the protocol model)",
+)
+def test_sender_past_its_lease_hands_a_row_back__the_new_holders_lease_stands() -> None:
+    (row,) = add()
+    assert OutboxMessage.objects.claim(limit=1, lease=60)  # sender A
+    pass_time(61)  # A is slow: past its lease, so the protocol lets another take the row
+    assert OutboxMessage.objects.claim(limit=1, lease=60)  # sender B, now the row's holder
+    OutboxMessage.objects.reschedule([row.id], delay=0)  # A found the broker down
+    assert OutboxMessage.objects.claim(limit=1, lease=60) == [], "taken while B holds it"
