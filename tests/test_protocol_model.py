@@ -485,24 +485,32 @@ class ProtocolModel(RuleBasedStateMachine):
         self.hand[name] = HandSender(name, holder, DoubleSender(self.broker))
 
     @precondition(lambda self: self._senders_may_run())
-    @rule(name=SENDERS, limit=st.integers(1, 4), crash=st.sampled_from([False, False, True]))
+    @rule(
+        name=SENDERS,
+        limit=st.integers(1, 4),
+        steps=st.integers(1, 3),
+        crash=st.sampled_from([False, False, True]),
+    )
     @counted
-    def sender_step(self, name: str, limit: int, crash: bool) -> None:
-        """The sender's next step: claim up to ``limit`` messages, publish them, or mark them; or
-        it crashes after the step it took last."""
+    def sender_step(self, name: str, limit: int, steps: int, crash: bool) -> None:
+        """The sender's next ``steps`` steps (claim up to ``limit`` messages, publish them, mark
+        them), stopping early when a claim finds nothing; then, with ``crash``, it dies."""
         hand = self.hand[name]
+        for _ in range(steps):
+            STATS[f"sender: {hand.stage}"] += 1
+            if hand.stage == "idle":
+                self._claim(hand, limit)
+                if not hand.rows:
+                    break
+            elif hand.stage == "claimed":
+                builder = Builder(app)
+                items = [builder.build(r) for r in hand.rows]
+                hand.outcome = self.thread(hand.sender.send, items)
+            else:
+                self._mark(hand)
         if crash:
             STATS[f"sender: crash when {hand.stage}"] += 1
             self._crash(name)
-            return
-        STATS[f"sender: {hand.stage}"] += 1
-        if hand.stage == "idle":
-            self._claim(hand, limit)
-        elif hand.stage == "claimed":
-            builder = Builder(app)
-            hand.outcome = self.thread(hand.sender.send, [builder.build(r) for r in hand.rows])
-        else:
-            self._mark(hand)
 
     def _claim(self, hand: HandSender, limit: int) -> None:
         def claim() -> list[OutboxMessage]:

@@ -155,7 +155,7 @@ def test_lease_release__another_holder_takes_it_at_once() -> None:
     strict=True,
     reason="reschedule/record_failure are not fenced by the claim: a sender that outlived its "
     "lease hands back a row another sender now holds, and a third may claim it while the "
-    "second is still sending it (found by the protocol model)",
+    "second is still sending it (seen writing the protocol model's rules)",
 )
 def test_sender_past_its_lease_hands_a_row_back__the_new_holders_lease_stands() -> None:
     (row,) = add()
