@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test faults lint bench clean matrix matrix-ci celery-suite celery-suite-ci replica
+.PHONY: demo test faults soak lint bench clean matrix matrix-ci celery-suite celery-suite-ci replica
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -74,6 +74,15 @@ celery-suite: $(BIN)/.suite-installed  ## the whole suite, both ways, and what p
 
 celery-suite-ci: $(BIN)/.suite-installed  ## its representative subset (CI)
 	$(BIN)/python tests/celery_suite.py --ci $(ARGS)
+
+# The protocol model (tests/test_protocol_model.py) with many more examples than `make test`'s 50,
+# on SQLite and PostgreSQL: each run prints how many examples and steps ran, and whether the
+# invariants held. AFTERCOMMIT_SETUPS picks other setups.
+SOAK_EXAMPLES ?= 2000
+soak: $(BIN)/.installed  ## the protocol model, long (about 20 minutes on PostgreSQL)
+	AFTERCOMMIT_SOAK_EXAMPLES=$(SOAK_EXAMPLES) AFTERCOMMIT_SKIP_EXAMPLE=1 \
+		AFTERCOMMIT_SETUPS=$${AFTERCOMMIT_SETUPS:-sqlite+filesystem,postgresql+redis} \
+		$(BIN)/python tests/matrix.py tests/test_protocol_model.py $(ARGS)
 
 lint: $(BIN)/.installed
 	$(BIN)/ruff check .

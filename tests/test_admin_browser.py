@@ -12,7 +12,7 @@ from django.db import connections
 from django.utils import timezone
 
 from aftercommit.models import OutboxMessage, Status
-from tests.conftest import ARTIFACTS, REQUIRE_SERVICES
+from tests.support import ARTIFACTS, REQUIRE_SERVICES
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_FLAGS = [

@@ -17,7 +17,6 @@ import sys
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterator
 
 import pytest
 from django.conf import settings as django_settings
@@ -26,7 +25,7 @@ from django.utils import timezone
 
 from aftercommit.models import OutboxMessage, Status
 from tests.conftest import FAULT_ROWS as ROWS
-from tests.conftest import Broker, Process, _subprocess_env, wait_for
+from tests.support import relay_argv, wait_for
 from tests.testapp.models import Item, TaskRun
 from tests.testapp.tasks import read_item, slow_read
 
@@ -93,24 +92,6 @@ def wait_delivered(token: str, ids: set[str], timeout: float) -> float:
     sent = time.monotonic() - started
     wait_for(lambda: set(delivered(token)) >= ids, timeout=timeout, interval=0.2)
     return sent
-
-
-@pytest.fixture
-def spawn(broker: Broker) -> Iterator[Callable[..., Process]]:
-    started: list[Process] = []
-
-    def start(name: str, argv: list[str], **env: str) -> Process:
-        proc = Process(name, argv, {**_subprocess_env(broker), **broker.env, **env})
-        started.append(proc)
-        return proc
-
-    yield start
-    for proc in started:
-        proc.stop()
-
-
-def relay_argv(*args: str) -> list[str]:
-    return [sys.executable, "-m", "django", "aftercommit", "relay", *args]
 
 
 def writer_argv(token: str, *args: str) -> list[str]:

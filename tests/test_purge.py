@@ -12,6 +12,7 @@ from django.db import connection, transaction
 
 from aftercommit.models import OutboxMessage, Status
 from tests.conftest import wait_for
+from tests.support import relay_argv
 from tests.testapp.tasks import read_item
 
 pytestmark = [
@@ -61,9 +62,9 @@ def expired_left() -> int:
     return OutboxMessage.objects.filter(status=Status.SENT, task_id__startswith="expired-").count()
 
 
-def test_purge_in_progress__a_new_message_is_sent_at_once(token, start_relay, capsys) -> None:  # type: ignore[no-untyped-def]
+def test_purge_in_progress__a_new_message_is_sent_at_once(token, spawn, capsys) -> None:  # type: ignore[no-untyped-def]
     insert_expired_sent_rows()
-    start_relay()
+    spawn("relay", relay_argv())
     wait_for(lambda: expired_left() < EXPIRED, timeout=60, interval=0.01)  # purging began
     start = time.monotonic()
     with transaction.atomic():
@@ -81,9 +82,9 @@ def test_purge_in_progress__a_new_message_is_sent_at_once(token, start_relay, ca
     assert first_send < 1.5  # one bounded purge step at most, not the whole purge (0.1: 2.6 s)
 
 
-def test_sigterm_while_purging__relay_stops_at_once(start_relay) -> None:  # type: ignore[no-untyped-def]
+def test_sigterm_while_purging__relay_stops_at_once(spawn) -> None:  # type: ignore[no-untyped-def]
     insert_expired_sent_rows()
-    relay = start_relay()
+    relay = spawn("relay", relay_argv())
     wait_for(lambda: expired_left() < EXPIRED, timeout=60, interval=0.01)
     start = time.monotonic()
     relay.signal(signal.SIGTERM)

@@ -9,7 +9,7 @@ import pytest
 from django.db import transaction
 
 from aftercommit.testing import guard
-from tests.conftest import wait_for
+from tests.support import wait_for
 from tests.testapp.models import Item, TaskRun
 from tests.testapp.tasks import plain_read_item, read_item
 

@@ -19,7 +19,7 @@ from django.utils import timezone
 from aftercommit.models import Lease, OutboxMessage, Status
 from aftercommit.relay import Relay, backoff, message_backoff
 from tests.celery_app import app
-from tests.conftest import wait_for
+from tests.support import relay_argv, wait_for
 from tests.testapp.models import Item, TaskRun
 from tests.testapp.tasks import read_item
 
@@ -38,12 +38,12 @@ def delivered(token: str) -> Counter[str]:
     return Counter(TaskRun.objects.filter(token=token).values_list("task_id", flat=True))
 
 
-def test_committed_with_no_sender_running__relay_delivers_each_once(token, start_relay) -> None:  # type: ignore[no-untyped-def]
+def test_committed_with_no_sender_running__relay_delivers_each_once(token, spawn) -> None:  # type: ignore[no-untyped-def]
     with transaction.atomic():
         ids = {read_item.delay(token, None, i).id for i in range(50)}
     with transaction.atomic(using="other"):
         ids.add(read_item.delay(token, None, 50).id)
-    start_relay()
+    spawn("relay", relay_argv())
     wait_for(lambda: sum(delivered(token).values()) >= 51, timeout=60)
     counts = delivered(token)
     assert set(counts) == ids
@@ -53,7 +53,7 @@ def test_committed_with_no_sender_running__relay_delivers_each_once(token, start
 
 
 def test_broker_down__callers_unharmed_rows_wait_relay_delivers(
-    token, broker, start_relay, capsys
+    token, broker, spawn, capsys
 ) -> None:  # type: ignore[no-untyped-def]
     item = Item.objects.create(name="outage")
     broker.down()
@@ -70,7 +70,7 @@ def test_broker_down__callers_unharmed_rows_wait_relay_delivers(
         assert caller_errors == []
         assert Item.objects.get(pk=item.pk).version == 30
         assert OutboxMessage.objects.pending().count() == 30
-        relay = start_relay()
+        relay = spawn("relay", relay_argv())
         # The relay is trying, and failing (its start-up takes a while on a busy machine).
         wait_for(lambda: "broker unreachable" in relay.output(), timeout=60)
         assert delivered(token) == Counter()
@@ -95,11 +95,11 @@ def test_broker_down__callers_unharmed_rows_wait_relay_delivers(
     assert "broker unreachable" in relay.output()
 
 
-def test_several_relays__never_send_a_message_twice(token, start_relay) -> None:  # type: ignore[no-untyped-def]
+def test_several_relays__never_send_a_message_twice(token, spawn) -> None:  # type: ignore[no-untyped-def]
     with transaction.atomic():
         ids = {read_item.delay(token, None, i).id for i in range(600)}
     for n in range(3):
-        start_relay("--batch-size", "25", name=f"relay-{n}")
+        spawn(f"relay-{n}", relay_argv("--batch-size", "25"))
     wait_for(lambda: sum(delivered(token).values()) >= 600, timeout=120)
     time.sleep(1)
     counts = delivered(token)
@@ -157,8 +157,8 @@ def test_broker_refuses_a_batch__refused_rows_wait_then_go_once(token, settings,
             conn.default_channel.queue_delete(name)
 
 
-def test_sigterm__relay_stops_cleanly(start_relay) -> None:  # type: ignore[no-untyped-def]
-    relay = start_relay()
+def test_sigterm__relay_stops_cleanly(spawn) -> None:  # type: ignore[no-untyped-def]
+    relay = spawn("relay", relay_argv())
     wait_for(lambda: Lease.objects.filter(name__startswith="relay:").exists(), timeout=30)
     relay.signal(signal.SIGTERM)
     assert relay.proc.wait(15) == 0

@@ -17,7 +17,7 @@ from django.conf import settings
 from django.db import transaction
 
 from tests.celery_app import app
-from tests.conftest import wait_for
+from tests.support import relay_argv, wait_for
 from tests.testapp.models import TaskRun
 from tests.testapp.tasks import read_item
 
@@ -64,13 +64,13 @@ def subscriptions(client: redis.Redis, pids: list[int]) -> int:
 
 
 def test_long_running_sender__holds_a_bounded_number_of_result_subscriptions(
-    token, worker, start_relay
+    token, worker, spawn
 ) -> None:  # type: ignore[no-untyped-def]
     if not settings.BROKER_URL.startswith("redis"):
         pytest.skip("the Redis result backend is the one that subscribes (tests/settings.py)")
     if not Path("/proc/self/net/tcp").exists():
         pytest.skip("finds a process's connections through /proc (Linux)")
-    relay = start_relay()
+    relay = spawn("relay", relay_argv())
     with transaction.atomic():
         ids = [
             read_item.apply_async((token, None, i), ignore_result=False).id for i in range(MESSAGES)

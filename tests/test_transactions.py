@@ -14,7 +14,7 @@ from django.db import connections, transaction
 
 from aftercommit import AmbiguousDatabaseError, DispatchError
 from aftercommit.models import OutboxMessage, Status
-from tests.conftest import wait_for
+from tests.support import wait_for
 from tests.testapp.models import Item, TaskRun
 from tests.testapp.tasks import read_item, read_now
 
