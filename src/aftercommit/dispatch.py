@@ -179,7 +179,10 @@ def decode_arguments(
     (``allowed_content_types(app)``, or ``accept`` when the caller already read it)."""
     data: str | bytes = message.payload
     if message.content_encoding == BINARY:
-        data = base64.b64decode(data)
+        try:
+            data = base64.b64decode(data, validate=True)
+        except ValueError as exc:  # binascii.Error
+            raise DecodeError(f"the stored arguments are not base64: {exc}") from exc
     if accept is None:
         accept = allowed_content_types(app)
     if message.content_type not in accept:
@@ -191,9 +194,9 @@ def decode_arguments(
         args, kwargs = serialization.loads(
             data, message.content_type, message.content_encoding, accept=accept
         )
-    except ValueError as exc:
-        raise DecodeError(f"cannot unpack the stored arguments: {exc}") from exc
-    return list(args), dict(kwargs)
+        return list(args), dict(kwargs)
+    except (ValueError, TypeError) as exc:  # not an (args, kwargs) pair
+        raise DecodeError(f"the stored arguments are not (args, kwargs): {exc}") from exc
 
 
 def encode_options(task_name: str, options: dict[str, Any]) -> str:
@@ -397,6 +400,11 @@ def record(
     call = {k: v for k, v in options.items() if k not in LOCAL_OPTIONS}
     task_id = call.pop("task_id", None)
     task_id = str(task_id) if task_id else str(time_ordered_uuid())
+    if len(task_id) > 255 or "\x00" in task_id:
+        raise DispatchError(
+            f"{name}: task_id must be at most 255 characters, without NUL, got {task_id[:40]!r}"
+            f"{'...' if len(task_id) > 40 else ''} ({len(task_id)} characters)."
+        )
     # What send_task would take from the calling thread, kept for the relay's thread.
     call["reply_to"] = call.get("reply_to") or app.thread_oid
     parent = app.current_worker_task

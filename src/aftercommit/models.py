@@ -13,6 +13,7 @@ rows kept for retention, or a backlog of millions of due ones.
 from __future__ import annotations
 
 import datetime as dt
+import secrets
 from collections.abc import Iterable, Sequence
 from typing import Any, NamedTuple
 
@@ -105,28 +106,33 @@ class OutboxMessageQuerySet(models.QuerySet["OutboxMessage"]):
 
         PostgreSQL: one statement (``UPDATE … WHERE id IN (SELECT … FOR UPDATE SKIP LOCKED)
         RETURNING``), one round trip. Elsewhere: a short transaction of two (see ``_claim``).
-        Each row comes back with ``claimed_at``, the database's time of the claim, in id order.
+        Each row comes back with ``claimed_at``, the database's time of the claim, in id order,
+        and the batch's ``claim_token``: the writes that settle the batch (``reschedule``,
+        ``record_failure``) pass it, so a sender that outlived its lease cannot touch a row
+        another sender has claimed since.
         """
         connection = connections[self.db]
+        token = secrets.token_hex(8)
         if connection.vendor == "postgresql":
-            return self._claim_returning(connection, limit=limit, lease=lease)
-        return self._claim(limit=limit, lease=lease)
+            return self._claim_returning(connection, limit=limit, lease=lease, token=token)
+        return self._claim(limit=limit, lease=lease, token=token)
 
     def _claim_returning(
-        self, connection: BaseDatabaseWrapper, *, limit: int, lease: float
+        self, connection: BaseDatabaseWrapper, *, limit: int, lease: float, token: str
     ) -> list[OutboxMessage]:
         opts = self.model._meta
         names = [f.attname for f in opts.concrete_fields]
         columns = ", ".join(connection.ops.quote_name(str(f.column)) for f in opts.concrete_fields)
         table = connection.ops.quote_name(opts.db_table)
         sql = (
-            f"UPDATE {table} SET due_at = STATEMENT_TIMESTAMP() + %s WHERE id IN ("
+            f"UPDATE {table} SET due_at = STATEMENT_TIMESTAMP() + %s, claim_token = %s "
+            f"WHERE id IN ("
             f"SELECT id FROM {table} WHERE status = %s AND due_at <= STATEMENT_TIMESTAMP() "
             f"ORDER BY due_at, id LIMIT %s FOR UPDATE SKIP LOCKED) "
             f"RETURNING {columns}, STATEMENT_TIMESTAMP()"
         )
         with connection.cursor() as cursor:
-            params: list[Any] = [dt.timedelta(seconds=lease), Status.PENDING, limit]
+            params: list[Any] = [dt.timedelta(seconds=lease), token, Status.PENDING, limit]
             cursor.execute(sql, params)
             rows = cursor.fetchall()
         claimed: list[OutboxMessage] = []
@@ -136,7 +142,7 @@ class OutboxMessageQuerySet(models.QuerySet["OutboxMessage"]):
             claimed.append(message)
         return claimed
 
-    def _claim(self, *, limit: int, lease: float) -> list[OutboxMessage]:
+    def _claim(self, *, limit: int, lease: float, token: str) -> list[OutboxMessage]:
         """One short transaction: rows locked by another claimer are skipped, never waited on, and
         the lease is written before the locks are released, so two senders never hold the same row.
         Databases without SKIP LOCKED (SQLite) must hold the single-claimer lease (see Lease).
@@ -155,8 +161,10 @@ class OutboxMessageQuerySet(models.QuerySet["OutboxMessage"]):
             rows: list[OutboxMessage] = list(qs[:limit])
             if rows:
                 self.model.objects.using(alias).filter(id__in=[r.id for r in rows]).update(
-                    due_at=later(lease)
+                    due_at=later(lease), claim_token=token
                 )
+                for row in rows:
+                    row.claim_token = token
         return rows
 
     def mark_sent(self, ids: Sequence[int]) -> int:
@@ -167,22 +175,40 @@ class OutboxMessageQuerySet(models.QuerySet["OutboxMessage"]):
             status=Status.SENT, sent_at=Now(), last_error=""
         )
 
-    def reschedule(self, ids: Sequence[int], *, delay: float) -> int:
+    def reschedule(self, ids: Sequence[int], *, delay: float, claim_token: str = "") -> int:
         """Hand claimed rows back, due in ``delay`` seconds, otherwise untouched (a broker outage
-        costs no attempt)."""
+        costs no attempt). With the claim's ``claim_token``: only rows still held by that claim."""
         if not ids:
             return 0
-        return self.filter(id__in=ids, status=Status.PENDING).update(due_at=later(delay))
+        return (
+            self._held(claim_token)
+            .filter(id__in=ids, status=Status.PENDING)
+            .update(due_at=later(delay))
+        )
 
     def record_failure(
-        self, message_id: int, *, attempts: int, error: str, delay: float, dead: bool
+        self,
+        message_id: int,
+        *,
+        attempts: int,
+        error: str,
+        delay: float,
+        dead: bool,
+        claim_token: str = "",
     ) -> int:
-        return self.filter(id=message_id, status=Status.PENDING).update(
-            attempts=attempts,
-            last_error=error[:4000],
-            due_at=later(delay),
-            status=Status.DEAD if dead else Status.PENDING,
+        return (
+            self._held(claim_token)
+            .filter(id=message_id, status=Status.PENDING)
+            .update(
+                attempts=attempts,
+                last_error=error[:4000],
+                due_at=later(delay),
+                status=Status.DEAD if dead else Status.PENDING,
+            )
         )
+
+    def _held(self, claim_token: str) -> OutboxMessageQuerySet:
+        return self.filter(claim_token=claim_token) if claim_token else self
 
     def retry_dead(self) -> int:
         """Give dead letters (those in this queryset) a fresh set of attempts, due at once."""
@@ -289,6 +315,12 @@ class OutboxMessage(models.Model):
     sent_at = models.DateTimeField(null=True, blank=True)
     attempts = models.PositiveIntegerField(default=0)
     last_error = models.TextField(blank=True, default="")
+    claim_token = models.CharField(
+        max_length=16,
+        blank=True,
+        default="",
+        help_text="The batch that claimed it last: a sender settles only rows it still holds.",
+    )
     debounce_key = models.CharField(  # noqa: DJ001 - NULL: not debounced (no key), not ""
         max_length=64,
         null=True,

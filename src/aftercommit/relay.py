@@ -61,7 +61,8 @@ def backoff(failures: int, *, base: float, cap: float) -> float:
     """Seconds to wait after ``failures`` failures in a row: doubling from ``base``, capped at
     ``cap``, with full jitter over its upper half. The one formula for a message's own retries and
     for the pause while the broker is down."""
-    ceiling = min(cap, base * 2 ** max(failures - 1, 0))
+    # The exponent stops growing long past any cap: 2 ** 1025 would overflow a float.
+    ceiling = min(cap, base * 2 ** min(max(failures - 1, 0), 64))
     return random.uniform(ceiling / 2, ceiling)
 
 
@@ -281,7 +282,7 @@ class Relay:
         self._settle(
             alias,
             lambda: OutboxMessage.objects.using(alias).reschedule(
-                [r.id for r in rows], delay=pause
+                [r.id for r in rows], delay=pause, claim_token=rows[0].claim_token
             ),
         )
         text = f"broker unreachable: {error}"
@@ -315,7 +316,7 @@ class Relay:
             alias,
             lambda: OutboxMessage.objects.using(alias).record_failure(
                 message.id, attempts=attempts, error=error, delay=message_backoff(attempts),
-                dead=dead,
+                dead=dead, claim_token=message.claim_token,
             ),
         )  # fmt: skip
         if dead:

@@ -151,16 +151,19 @@ def test_lease_release__another_holder_takes_it_at_once() -> None:
     assert Lease.objects.acquire("claim", "b", seconds=60)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="reschedule/record_failure are not fenced by the claim: a sender that outlived its "
-    "lease hands back a row another sender now holds, and a third may claim it while the "
-    "second is still sending it (seen writing the protocol model's rules)",
-)
 def test_sender_past_its_lease_hands_a_row_back__the_new_holders_lease_stands() -> None:
     (row,) = add()
-    assert OutboxMessage.objects.claim(limit=1, lease=60)  # sender A
+    (a,) = OutboxMessage.objects.claim(limit=1, lease=60)  # sender A
     pass_time(61)  # A is slow: past its lease, so the protocol lets another take the row
-    assert OutboxMessage.objects.claim(limit=1, lease=60)  # sender B, now the row's holder
-    OutboxMessage.objects.reschedule([row.id], delay=0)  # A found the broker down
+    (b,) = OutboxMessage.objects.claim(limit=1, lease=60)  # sender B, now the row's holder
+    assert a.claim_token != b.claim_token
+    # A found the broker down, and hands back what it claimed: not B's claim.
+    assert OutboxMessage.objects.reschedule([row.id], delay=0, claim_token=a.claim_token) == 0
+    assert (
+        OutboxMessage.objects.record_failure(
+            row.id, attempts=9, error="late", delay=0, dead=True, claim_token=a.claim_token
+        )
+        == 0
+    )
     assert OutboxMessage.objects.claim(limit=1, lease=60) == [], "taken while B holds it"
+    assert OutboxMessage.objects.reschedule([row.id], delay=0, claim_token=b.claim_token) == 1
