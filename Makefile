@@ -56,7 +56,7 @@ bench: $(BIN)/.installed  ## side-by-side benchmarks -> benchmarks/REPORT.md (ab
 # The version matrix (noxfile.py): each session installs the package with one Django / Celery pair
 # into its own venv and runs tests/matrix.py on one setup; `report` then prints the table and checks
 # the README's compatibility line. ARGS go to pytest.
-matrix: $(BIN)/.installed  ## every Python x Django x Celery x setup session (about 40 minutes)
+matrix: $(BIN)/.installed  ## every Python x Django x Celery x setup session (about an hour)
 	rm -rf .artifacts/matrix
 	$(BIN)/nox -t matrix -- $(ARGS); status=$$?; $(BIN)/nox -s report && exit $$status
 
@@ -92,7 +92,7 @@ lint: $(BIN)/.installed
 	cd example && EXAMPLE_STATE=$$(mktemp -d) ../$(BIN)/python manage.py makemigrations --check --dry-run
 
 clean:
-	rm -rf $(VENV) .artifacts
+	rm -rf $(VENV) .artifacts .nox
 
 .PHONY: package docs
 package: $(BIN)/.installed  ## build sdist + wheel, twine check, run the example's tests on the installed wheel

@@ -26,7 +26,9 @@ class FilesystemChannel(filesystem.Channel):  # type: ignore[misc]
     def _put(self, queue: str, payload: Any, **kwargs: Any) -> None:  # type: ignore[override]
         name = f"{round(monotonic() * 1000)}_{uuid.uuid4()}.{queue}.msg"
         final = os.path.join(self.data_folder_out, name)
-        partial = os.path.join(self.data_folder_out, f".{name}.partial")
+        # Without the queue in it: kombu up to 5.6 takes any file whose name merely contains
+        # ".<queue>.msg", so it would take this one half written and fail to decode it.
+        partial = os.path.join(self.data_folder_out, f".partial-{uuid.uuid4()}")
         try:
             with open(partial, "wb") as f:
                 f.write(str_to_bytes(dumps(payload)))
