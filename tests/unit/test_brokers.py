@@ -11,10 +11,9 @@ from typing import Any
 
 import pytest
 from celery import Celery
-from kombu.exceptions import BatchPublishError
 
 from aftercommit import brokers, dispatch
-from aftercommit.brokers import BrokerUnavailable, Sender, SetupError
+from aftercommit.brokers import BatchPublishError, BrokerUnavailable, Sender, SetupError
 from aftercommit.messages import Builder, Outgoing
 from aftercommit.models import OutboxMessage
 
