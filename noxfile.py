@@ -51,7 +51,7 @@ CI = {
 }
 # Fast and representative: the transaction semantics and the race through a real worker, and the
 # serverless broker kombu's versions read differently.
-DEFAULT_K = "transactions or race or transport"
+DEFAULT_K = "transactions or race or transport or contract"
 
 nox.options.default_venv_backend = "uv|venv"
 nox.options.sessions = []  # name the sessions or tags: `make matrix`, `make matrix-ci`
