@@ -175,7 +175,9 @@ class OutboxMessageQuerySet(models.QuerySet["OutboxMessage"]):
             status=Status.SENT, sent_at=Now(), last_error=""
         )
 
-    def reschedule(self, ids: Sequence[int], *, delay: float, claim_token: str = "") -> int:
+    def reschedule(
+        self, ids: Sequence[int], *, delay: float, claim_token: str | None = None
+    ) -> int:
         """Hand claimed rows back, due in ``delay`` seconds, otherwise untouched (a broker outage
         costs no attempt). With the claim's ``claim_token``: only rows still held by that claim."""
         if not ids:
@@ -194,7 +196,7 @@ class OutboxMessageQuerySet(models.QuerySet["OutboxMessage"]):
         error: str,
         delay: float,
         dead: bool,
-        claim_token: str = "",
+        claim_token: str | None = None,
     ) -> int:
         return (
             self._held(claim_token)
@@ -207,7 +209,7 @@ class OutboxMessageQuerySet(models.QuerySet["OutboxMessage"]):
             )
         )
 
-    def _held(self, claim_token: str) -> OutboxMessageQuerySet:
+    def _held(self, claim_token: str | None) -> OutboxMessageQuerySet:
         return self.filter(claim_token=claim_token) if claim_token else self
 
     def retry_dead(self) -> int:
@@ -315,10 +317,10 @@ class OutboxMessage(models.Model):
     sent_at = models.DateTimeField(null=True, blank=True)
     attempts = models.PositiveIntegerField(default=0)
     last_error = models.TextField(blank=True, default="")
-    claim_token = models.CharField(
+    claim_token = models.CharField(  # noqa: DJ001 - NULL: never claimed, and rows written by SQL
         max_length=16,
+        null=True,
         blank=True,
-        default="",
         help_text="The batch that claimed it last: a sender settles only rows it still holds.",
     )
     debounce_key = models.CharField(  # noqa: DJ001 - NULL: not debounced (no key), not ""
