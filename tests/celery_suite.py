@@ -133,7 +133,16 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--celery", help="Celery version to run (default: the installed one)")
     parser.add_argument("--ci", action="store_true", help="the representative subset only")
     parser.add_argument("--only", choices=("plain", "aftercommit"), help="one of the two runs")
-    parser.add_argument("--timeout", type=int, default=90, help="seconds a test may take")
+    parser.add_argument("--timeout", type=int, help="seconds a test may take (90; --ci: 45)")
+    parser.add_argument(
+        "--report", action="store_true", help="only compare the JUnit XML of the last runs"
+    )
+    parser.add_argument(
+        "--no-flush",
+        action="store_true",
+        help="leave the Redis dbs as they are (another run uses them, with broker and backend "
+        "swapped)",
+    )
     parser.add_argument("-k", dest="keyword", help="pytest -k expression")
     parser.add_argument("tests", nargs="*", help="test files or ids under t/integration/")
     args = parser.parse_args(argv)
@@ -143,6 +152,14 @@ def main(argv: list[str]) -> int:
     if version != installed:
         return in_own_venv(version, argv)
 
+    out = ARTIFACTS / "celery-suite" / version / ("ci" if args.ci else "run")
+    if args.report:
+        runs = [Run(mode, out / f"{mode}.xml") for mode in ("plain", "aftercommit")]
+        for run in runs:
+            read_junit(run)
+        return report(runs, version)
+    if args.timeout is None:
+        args.timeout = 45 if args.ci else 90
     suite = extract_suite(version)
     check_services()
     prepare_database()
@@ -158,7 +175,6 @@ def main(argv: list[str]) -> int:
         ]
         for name, reason in LEFT_OUT.items():
             print(f"left out: t/integration/{name}: {reason}")
-    out = ARTIFACTS / "celery-suite" / version / ("ci" if args.ci else "run")
     out.mkdir(parents=True, exist_ok=True)
 
     runs = []
@@ -176,8 +192,13 @@ def main(argv: list[str]) -> int:
 
 
 def in_own_venv(version: str, argv: list[str]) -> int:
-    """Run this script again in .artifacts/celery-<version>/venv, made once with that Celery, a
-    kombu and redis-py of its time, and aftercommit installed from this worktree (-e)."""
+    """Run this script again in a venv with that Celery."""
+    return subprocess.call([str(venv_with(version)), __file__, *argv])
+
+
+def venv_with(version: str) -> Path:
+    """The python of .artifacts/celery-<version>/venv, made once with that Celery, a kombu and
+    redis-py of its time, and aftercommit installed from this worktree (-e)."""
     venv = ARTIFACTS / f"celery-{version}" / "venv"
     python = venv / "bin" / "python"
     stamp = venv / ".installed"
@@ -196,7 +217,7 @@ def in_own_venv(version: str, argv: list[str]) -> int:
             check=True,
         )  # fmt: skip
         stamp.touch()
-    return subprocess.call([str(python), __file__, *argv])
+    return python
 
 
 # The suite ---------------------------------------------------------------------------------------
@@ -295,7 +316,8 @@ def django_env() -> dict[str, str]:
 def run_pytest(
     run: Run, suite: Path, tests: list[str], args: argparse.Namespace, out: Path
 ) -> None:
-    empty_redis()
+    if not args.no_flush:
+        empty_redis()
     env = dict(
         django_env() if run.name == "aftercommit" else os.environ,
         CELERY_SUITE_MODE=run.name,
