@@ -61,3 +61,9 @@ def slow_read(self: celery.Task, token: str, seconds: float = 3.0) -> None:
     _record(self, token, None, None)
     if first:
         time.sleep(seconds)
+
+
+@shared_task(ignore_result=False)
+def keeps_result(number: int) -> int:
+    """Its result is stored, on every Celery version (the test project ignores results)."""
+    return number
