@@ -116,11 +116,14 @@ INHERENT: dict[str, str] = {}
 
 # Failure text -> cause, to group what fails only with aftercommit (first match wins).
 CAUSES = [
-    ("task id already in the outbox (replace(), a re-applied frozen signature)", r"already"),
-    ("an option aftercommit rejects as unknown", r"unknown option|not a known option"),
-    ("pydantic arguments", r"pydantic|BaseModel|validation error"),
-    ("timed out (ignored result, late result subscription, or a task never sent)", r"[Tt]imeout"),
+    ("task id already in the outbox (replace(), a re-applied frozen signature)", r"already the id"),
+    ("an option aftercommit rejects as unknown", r"unknown option"),
+    ("pydantic arguments", r"pydantic|BaseModel"),
+    ("result.ignored not set (get() waits forever)", r"result\.ignored|ignore_result=True"),
+    ("result channel not subscribed at the call", r"PUBSUB|get_active_redis_channels"),
 ]
+# ... and when none of those shows in the whole failure, the summary line:
+TIMED_OUT = "timed out (a result never stored, or a task never sent)"
 
 
 @dataclass
@@ -129,7 +132,8 @@ class Run:
     xml: Path
     seconds: float = 0.0
     outcomes: dict[str, str] = field(default_factory=dict)  # test id -> passed/failed/skipped
-    messages: dict[str, str] = field(default_factory=dict)  # test id -> failure text
+    messages: dict[str, str] = field(default_factory=dict)  # test id -> failure summary
+    details: dict[str, str] = field(default_factory=dict)  # test id -> the whole failure
 
 
 def main(argv: list[str]) -> int:
@@ -411,6 +415,7 @@ def read_junit(run: Run) -> None:
                 text = child.get("message") or ""
                 body = (child.text or "").strip().splitlines()
                 run.messages[test_id] = text or (body[-1] if body else child.tag)
+                run.details[test_id] = f"{text}\n{child.text or ''}"
                 break
             if child.tag == "skipped":
                 outcome = "skipped"
@@ -419,11 +424,11 @@ def read_junit(run: Run) -> None:
             run.outcomes[test_id] = outcome
 
 
-def cause_of(message: str) -> str:
+def cause_of(summary: str, details: str) -> str:
     for cause, pattern in CAUSES:
-        if re.search(pattern, message):
+        if re.search(pattern, details):
             return cause
-    return "other"
+    return TIMED_OUT if re.search(r"[Tt]ime(d )?out", summary) else "other"
 
 
 def report(runs: list[Run], version: str) -> int:
@@ -459,8 +464,9 @@ def report(runs: list[Run], version: str) -> int:
         by_cause: dict[str, list[str]] = {}
         for test in failing:
             message = ours.messages.get(test, f"not run ({ours.outcomes.get(test, 'missing')})")
-            by_cause.setdefault(cause_of(message), []).append(test)
-        for cause, tests in by_cause.items():
+            cause = cause_of(message, ours.details.get(test, message))
+            by_cause.setdefault(cause, []).append(test)
+        for cause, tests in sorted(by_cause.items(), key=lambda item: -len(item[1])):
             print(f"\n  {cause} ({len(tests)}):")
             for test in tests:
                 message = ours.messages.get(test, f"not run ({ours.outcomes.get(test, 'missing')})")
