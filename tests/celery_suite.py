@@ -85,7 +85,7 @@ CI_TESTS = [
     "t/integration/test_tasks.py::test_tasks::test_properties",
     "t/integration/test_canvas.py::test_chain::test_eager_chain_inside_task",
     # pydantic
-    "t/integration/test_tasks.py::test_tasks::test_pydantic_annotations",
+    "t/integration/test_tasks.py::test_tasks::test_pydantic_model_arguments",
     # ignore_result: result.ignored
     "t/integration/test_tasks.py::test_tasks::test_ignore_result",
     "t/integration/test_tasks.py::test_task_redis_result_backend::test_ignoring_result_no_subscriptions",
