@@ -221,6 +221,7 @@ def venv_with(version: str) -> Path:
                 f"kombu~={major_minor}.0",  # Celery 5.x goes with kombu 5.x of the same minor
                 "redis>=5,<6" if major_minor in ("5.4", "5.5") else "redis>=5",
                 "-e", f"{ROOT}[test,celery-suite]",
+                "pytest-subtests",  # imported by the suites before Celery 5.6 (pytest 9 has it)
             ],
             check=True,
         )  # fmt: skip
