@@ -71,6 +71,15 @@ LEFT_OUT = {
     "test_security.py": "needs the auth serializer's keys and the cryptography package",
 }
 
+# Tests not run, and why (older suites run them; newer ones skip them themselves).
+DESELECTED = {
+    "t/integration/test_tasks.py::test_tasks::test_multiprocess_producer": "forks a pool of 20 "
+    "from the test process (Celery skips it as broken since 5.5); the forks share the parent's "
+    "Django connection, which breaks every later test of the aftercommit run",
+    "t/integration/test_tasks.py::test_tasks::test_multithread_producer": "skipped as broken by "
+    "Celery since 5.5",
+}
+
 # The representative subset (make celery-suite-ci): every failure class of issue 15 (replace(),
 # re-applying a frozen signature, stamping / stamped_headers, app_id / throw, pydantic,
 # ignore_result, result-channel subscription) plus chains, groups, chords,
@@ -188,6 +197,8 @@ def main(argv: list[str]) -> int:
         ]
         for name, reason in LEFT_OUT.items():
             print(f"left out: t/integration/{name}: {reason}")
+    for test, reason in DESELECTED.items():
+        print(f"not run: {test}: {reason}")
     out.mkdir(parents=True, exist_ok=True)
 
     runs = []
@@ -380,6 +391,8 @@ def run_pytest(
         f"--timeout={args.timeout}", f"--junitxml={run.xml}", "-q", "-rN",
         "-o", "junit_family=xunit1", *tests,
     ]  # fmt: skip
+    for test in DESELECTED:
+        argv += ["--deselect", test]
     if args.keyword:
         argv += ["-k", args.keyword]
     relay = None
