@@ -18,8 +18,7 @@ from django.db import transaction
 
 from tests.celery_app import app
 from tests.support import relay_argv, wait_for
-from tests.testapp.models import TaskRun
-from tests.testapp.tasks import read_item
+from tests.testapp.tasks import keeps_result
 
 pytestmark = [
     pytest.mark.services,
@@ -63,20 +62,15 @@ def subscriptions(client: redis.Redis, pids: list[int]) -> int:
     return held
 
 
-def test_long_running_sender__holds_a_bounded_number_of_result_subscriptions(
-    token, worker, spawn
-) -> None:  # type: ignore[no-untyped-def]
+def test_long_running_sender__holds_a_bounded_number_of_result_subscriptions(worker, spawn) -> None:  # type: ignore[no-untyped-def]
     if not settings.BROKER_URL.startswith("redis"):
         pytest.skip("the Redis result backend is the one that subscribes (tests/settings.py)")
     if not Path("/proc/self/net/tcp").exists():
         pytest.skip("finds a process's connections through /proc (Linux)")
     relay = spawn("relay", relay_argv())
     with transaction.atomic():
-        ids = [
-            read_item.apply_async((token, None, i), ignore_result=False).id for i in range(MESSAGES)
-        ]
-    wait_for(lambda: TaskRun.objects.filter(token=token).count() >= MESSAGES, timeout=120)
-    wait_for(lambda: all(app.AsyncResult(i).state == "SUCCESS" for i in ids), 60, interval=0.5)
+        ids = [keeps_result.delay(i).id for i in range(MESSAGES)]
+    wait_for(lambda: all(app.AsyncResult(i).state == "SUCCESS" for i in ids), 120, interval=0.5)
 
     client = redis.Redis.from_url(settings.CELERY_RESULT_BACKEND)
     try:

@@ -18,7 +18,8 @@ MODE = os.environ.get("CELERY_SUITE_MODE", "plain")
 TASK_CLS = "aftercommit.celery:Task"
 
 
-def pytest_configure(config: pytest.Config) -> None:
+def pytest_load_initial_conftests(early_config: pytest.Config) -> None:
+    # The conftest of t/integration is imported right after this hook, before pytest_configure.
     if MODE == "aftercommit":
         # Before any app exists: aftercommit's task class imports Django models.
         import django
@@ -43,7 +44,7 @@ def _suite_redis_on_backend_db() -> None:
     """The suite's own Redis client (t.integration.tasks.get_redis_connection) uses db 0; the
     Redis server is shared here, so point it at the result backend's db, where upstream (which
     runs everything on db 0) has it too. The conftest imports the function by name, so this runs
-    before the conftest is imported."""
+    before the conftest is imported, and the test and the worker use the same db."""
     import t.integration.tasks as tasks
     from redis import StrictRedis
 

@@ -151,3 +151,9 @@ def once_replaced(self: celery.Task, token: str) -> None:
     """Writes its effect, then hands over to another task (which keeps this task id)."""
     Item.objects.create(name=token, version=0)
     raise self.replace(read_item.s(token))
+
+
+@shared_task(ignore_result=False)
+def keeps_result(number: int) -> int:
+    """Its result is stored, on every Celery version (the test project ignores results)."""
+    return number
