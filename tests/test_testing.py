@@ -8,6 +8,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from celery.result import EagerResult
 from django.db import transaction
 from django.test import TestCase
 
@@ -145,3 +146,17 @@ def test_proof__the_seeds_code_fails_under_the_plugin_and_passes_with_aftercommi
         )
     else:
         result.assert_outcomes(passed=1)
+
+
+@pytest.mark.django_db(transaction=True, databases=["default", "other"])
+def test_eager_outside_a_transaction__returns_celerys_eager_result(token: str) -> None:
+    # Celery's own integration suite (test_eager_chain_inside_task) calls .get() on it: an
+    # AsyncResult there waited on a result backend that eager mode never writes.
+    app.conf.task_always_eager = True
+    try:
+        result = read_item.delay(token, None, 0)
+    finally:
+        app.conf.task_always_eager = False
+    assert isinstance(result, EagerResult)
+    assert result.get(timeout=1) is None
+    assert TaskRun.objects.filter(token=token).exists()

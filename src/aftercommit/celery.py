@@ -179,12 +179,18 @@ class Task(celery.Task):  # type: ignore[misc]
         for local in dispatch.LOCAL_OPTIONS:
             options.pop(local, None)
 
+        ran: list[AsyncResult] = []
+
         def run() -> None:
-            super(Task, self).apply_async(
-                args, kwargs, task_id, producer, link, link_error, shadow, **options
+            ran.append(
+                super(Task, self).apply_async(
+                    args, kwargs, task_id, producer, link, link_error, shadow, **options
+                )
             )
 
         connections[alias].on_commit(run)
+        if ran:  # no transaction open: it ran at once, and its result is Celery's EagerResult
+            return ran[0]
         return self.AsyncResult(task_id)
 
     def retry(self, *args: Any, **kwargs: Any) -> Any:
