@@ -24,6 +24,7 @@ from collections.abc import Mapping
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any
 
+from celery.backends.base import BaseBackend
 from django.db import DEFAULT_DB_ALIAS, connections
 from django.db.backends.base.base import BaseDatabaseWrapper
 from kombu import serialization
@@ -50,7 +51,8 @@ LOCAL_OPTIONS = frozenset(
         "add_to_parent", "task_type",
     }
 )  # fmt: skip
-# Ours, not Celery's.
+
+# Ours, not Celery's: apply_async takes them beside Celery's options.
 OWN_OPTIONS = frozenset({"using", "after_commit", "debounce", "debounce_key"})
 
 BINARY = "binary"
@@ -446,10 +448,12 @@ def record(
     signals.send(signals.recorded, message=message, using=alias)
     wakeup.after_commit(alias)
 
-    if not ignore_result:
+    backend = app.backend
+    # Most backends do nothing at the call (the base class's no-op): skip the producer stand-in.
+    if not ignore_result and type(backend).on_task_call is not BaseBackend.on_task_call:
         producer = _ProducerOnDemand(app)
         try:
-            app.backend.on_task_call(producer, task_id)
+            backend.on_task_call(producer, task_id)
         finally:
             producer.release()
     result: AsyncResult = result_cls(task_id)

@@ -442,14 +442,12 @@ class Relay:
             connections[alias].close()
 
 
-def purge(
-    alias: str, *, older_than: float | None = None, stop: threading.Event | None = None
-) -> int:
+def purge(alias: str, *, older_than: float | None = None) -> int:
     """Delete sent messages older than the retention window, a batch at a time; dead letters
     stay."""
     seconds = settings.RETENTION if older_than is None else older_than
     total = 0
-    while stop is None or not stop.is_set():
+    while True:
         deleted = OutboxMessage.objects.using(alias).purge_sent_batch(
             older_than=seconds, batch_size=settings.PURGE_BATCH_SIZE
         )
