@@ -13,7 +13,7 @@ from collections import Counter
 
 import pytest
 from django.core.management import call_command
-from django.db import transaction
+from django.db import connection, transaction
 from django.utils import timezone
 
 from aftercommit.models import Lease, OutboxMessage, Status
@@ -258,3 +258,39 @@ def test_unknown_database__command_error() -> None:
 
     with pytest.raises(CommandError, match="unknown database alias"):
         call_command("aftercommit", "status", "--database", "nope")
+
+
+def _prepared_statements() -> set[str]:
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT name FROM pg_prepared_statements")
+        return {name for (name,) in cursor.fetchall()}
+
+
+def test_claim_and_mark__prepared_once_per_session__unprepared_behind_a_pooler(token) -> None:  # type: ignore[no-untyped-def]
+    """PostgreSQL plans a statement each time it is sent as text: most of an empty claim's time.
+    The relay's session prepares its claim and mark once; a session that loses them (PgBouncer
+    in transaction mode hands each transaction another server connection) runs them unprepared
+    from then on, with the same results."""
+    if connection.vendor != "postgresql":
+        pytest.skip("prepared statements are the PostgreSQL path")
+    connection.close()  # a fresh session, as a relay starts with
+    with transaction.atomic():
+        for i in range(3):
+            read_item.delay(token, i, 1)
+    outbox = OutboxMessage.objects
+    first = outbox.claim(limit=2, lease=60)
+    assert len(first) == 2
+    assert _prepared_statements() == {"aftercommit_claim"}
+    assert outbox.mark_sent([r.id for r in first]) == 2
+    assert _prepared_statements() == {"aftercommit_claim", "aftercommit_mark_sent"}
+
+    with connection.cursor() as cursor:
+        cursor.execute("DEALLOCATE ALL")  # what a pooler's next server connection looks like
+    rest = outbox.claim(limit=2, lease=60)
+    assert [r.task_id for r in rest] == list(
+        OutboxMessage.objects.filter(status=Status.PENDING).values_list("task_id", flat=True)
+    )
+    assert outbox.mark_sent([r.id for r in rest]) == 1
+    assert _prepared_statements() == set()  # not prepared again on this connection
+    assert outbox.filter(status=Status.SENT).count() == 3
+    assert outbox.claim(limit=2, lease=60) == []
