@@ -121,6 +121,53 @@ def test_register__same_name__replaces(registered: Any) -> None:
     assert (first.restored, second.restored) == ([], [{}])
 
 
+def test_a_batch_of_several_traces__each_publish_runs_in_its_own_rows_context(
+    registered: Any,
+) -> None:
+    """The relay restores a context once for consecutive rows that share it; a row of another
+    request, or of none, still publishes in its own."""
+    from celery import Celery
+    from celery.signals import before_task_publish
+
+    from aftercommit.brokers import Sender
+    from aftercommit.messages import Outgoing
+    from aftercommit.models import OutboxMessage
+
+    registered(StandIn())
+
+    def captured(request: str) -> str:
+        _current.standin = request
+        try:
+            return tracing.capture()
+        finally:
+            _current.standin = None
+
+    traces = [captured("a"), captured("a"), "", captured("b"), captured("a")]
+    app = Celery("traces", broker="memory://", set_as_current=False)
+    seen: list[tuple[str, str | None]] = []
+
+    def on_publish(headers: dict[str, Any], **_: Any) -> None:
+        seen.append((headers["id"], getattr(_current, "standin", None)))
+
+    items = [
+        Outgoing(
+            OutboxMessage(task_id=f"t{i}", trace=trace),
+            "traces.task",
+            app.amqp.create_task_message(f"t{i}", "traces.task", (), {}),
+            app.amqp.router.route({}, "traces.task"),
+        )
+        for i, trace in enumerate(traces)
+    ]
+    before_task_publish.connect(on_publish, weak=False)
+    try:
+        outcome = Sender(app).send(items)
+    finally:
+        before_task_publish.disconnect(on_publish)
+    assert len(outcome.sent) == 5
+    assert seen == [("t0", "a"), ("t1", "a"), ("t2", None), ("t3", "b"), ("t4", "a")]
+    assert getattr(_current, "standin", None) is None
+
+
 @pytest.mark.parametrize("fail_in", ["capture", "restore", "exit"])
 def test_broken_tracer__logged_and_skipped__others_and_the_publish_unaffected(
     registered: Any, fail_in: str, caplog: pytest.LogCaptureFixture

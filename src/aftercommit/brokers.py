@@ -24,6 +24,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from itertools import groupby
 from typing import Any
 
 from celery import Celery
@@ -238,15 +239,14 @@ class Sender:
             # What send_task_message would declare, bound to this channel once: kombu binds (a
             # copy) an unbound queue on every publish before it finds it already declared.
             options = {**options, "declare": self._declarable(queue, producer)}
-        with tracing.restore(item.row.trace), guard.exempt():
-            self.app.amqp.send_task_message(
-                producer,
-                item.name,
-                item.message,
-                event_dispatcher=self.events,
-                retry=False,
-                **options,
-            )
+        self.app.amqp.send_task_message(
+            producer,
+            item.name,
+            item.message,
+            event_dispatcher=self.events,
+            retry=False,
+            **options,
+        )
 
     def _declarable(self, queue: Queue, producer: Any) -> list[Queue]:
         if isinstance(queue, Broadcast):
@@ -262,15 +262,21 @@ class Sender:
         self, producer: Any, chunk: list[Outgoing], outcome: Outcome, published: list[Outgoing]
     ) -> None:
         hard = (*self.outage_errors, *self.channel_errors)
-        for item in chunk:
-            try:
-                self._publish(producer, item)
-            except hard:
-                raise
-            except Exception as exc:  # this message cannot be sent: its own failure
-                outcome.failed.append((item, exc))
-            else:
-                published.append(item)
+        # Each publish runs in its caller's restored trace context (the publish signals see it);
+        # consecutive messages of one context (a request's tasks, a backlog without traces)
+        # share one restore.
+        with guard.exempt():
+            for trace, items in groupby(chunk, key=lambda item: item.row.trace):
+                with tracing.restore(trace):
+                    for item in items:
+                        try:
+                            self._publish(producer, item)
+                        except hard:
+                            raise
+                        except Exception as exc:  # this message cannot be sent: its own failure
+                            outcome.failed.append((item, exc))
+                        else:
+                            published.append(item)
 
     def _send_batched(self, producer: Any, chunk: list[Outgoing], outcome: Outcome) -> None:
         published: list[Outgoing] = []
