@@ -241,8 +241,7 @@ def measure_saves(saves: int, warmup: int) -> dict[str, Any]:
     finally:
         stop_relay(relay)
     unsent = pending()
-    with app.connection_for_write() as conn:
-        queued = conn.default_channel.queue_purge(common.QUEUE)
+    queued = common.purge_queue(app)
     return {"samples": samples, "index_io": io, "unsent": unsent, "queued": queued}
 
 

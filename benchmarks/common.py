@@ -46,6 +46,15 @@ def use_services(database_url: str | None = None, broker_url: str | None = None)
     os.environ.setdefault("DJANGO_SETTINGS_MODULE", "tests.settings")
 
 
+def purge_queue(app: Any) -> int:
+    """Empty the benchmarks' task queue; how many messages it held. Declared first: on RabbitMQ a
+    fresh broker has no such queue yet, and purging a missing queue is an error there."""
+    with app.connection_for_write() as conn:
+        queue = app.amqp.queues[QUEUE](conn.default_channel)
+        queue.declare()
+        return int(queue.purge() or 0)
+
+
 def ensure_database(url: str, *names: str) -> None:
     """Create the PostgreSQL databases ``url`` names (and ``names``) if they do not exist."""
     import dj_database_url

@@ -38,11 +38,7 @@ def queue_length(app: Any) -> int:
 
 
 def purge(app: Any) -> None:
-    """Empty the task queue (declared first: on RabbitMQ it may not exist yet)."""
-    with app.connection_for_write() as conn:
-        queue = app.amqp.queues[app.conf.task_default_queue](conn.default_channel)
-        queue.declare()
-        queue.purge()
+    common.purge_queue(app)
 
 
 def apply_async_loop(app: Any, count: int, *, confirmed: bool = False) -> float:

@@ -77,8 +77,7 @@ def main() -> None:
 
     from aftercommit.models import OutboxMessage, Status
 
-    with app.connection_for_write() as conn:
-        conn.default_channel.queue_purge(common.QUEUE)
+    common.purge_queue(app)
     TaskRun.objects.all().delete()
     item = Item.objects.create(name="latency")
     worker = start_worker()

@@ -46,8 +46,7 @@ def child(saves: int) -> None:
     # No relay ran: the rows are still pending. Nothing reached the broker, the purge is for a
     # run that was interrupted elsewhere.
     OutboxMessage.objects.filter(task_name=read_item.name, status=Status.PENDING).delete()
-    with app.connection_for_write() as conn:
-        conn.default_channel.queue_purge(common.QUEUE)
+    common.purge_queue(app)
 
 
 def flatness(series: list[tuple[float, int]]) -> dict[str, float]:

@@ -120,8 +120,7 @@ def main() -> None:
             cpu_total[name] += time.process_time() - started
     saves = rounds * block
     cpu = {name: total / saves for name, total in cpu_total.items()}
-    with app.connection_for_write() as conn:
-        conn.default_channel.queue_purge(common.QUEUE)
+    common.purge_queue(app)
     outbox.all().delete()
 
     med = {name: statistics.median(samples) for name, samples in latency.items()}
