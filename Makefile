@@ -42,7 +42,9 @@ bench: $(BIN)/.installed  ## side-by-side benchmarks -> benchmarks/REPORT.md (ab
 	mkdir -p $(BENCH_OUT) && rm -f $(BENCH_OUT)/*.json $(BENCH_OUT)/*.png
 	$(BENCH)/request_path.py $(BENCH_ARGS)
 	$(BENCH)/latency.py $(BENCH_ARGS)
+	$(BENCH)/latency.py --pool threads --countdown 0 $(BENCH_ARGS)
 	BROKER_URL=$(BENCH_AMQP_URL) $(BENCH)/latency.py $(BENCH_ARGS)
+	BROKER_URL=$(BENCH_AMQP_URL) $(BENCH)/latency.py --pool threads --countdown 0 $(BENCH_ARGS)
 	DATABASE_URL=mysql://root@127.0.0.1:3306/aftercommit_bench $(BENCH)/latency.py $(BENCH_ARGS)
 	DATABASE_URL= BROKER_URL=filesystem:// $(BENCH)/latency.py $(BENCH_ARGS)
 	$(BENCH)/drain.py $(BENCH_ARGS)

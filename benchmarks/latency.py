@@ -1,15 +1,17 @@
 """Commit-to-task-start latency with a real worker: delay_on_commit vs aftercommit vs the countdown.
 
-    python benchmarks/latency.py [--samples 300] [--countdown 60] [--quick]
+    python benchmarks/latency.py [--samples 300] [--countdown 60] [--pool prefork] [--quick]
 
-One Celery worker (threads pool, 4 threads) runs the test project's tasks, which record when they
-start. It is also aftercommit's only sender: the relay runs inside it (a worker bootstep, the
-default), woken by PostgreSQL's NOTIFY when a transaction that recorded a message commits; no
-relay process runs. Each sample is an admin-like save that dispatches one task; the caller notes
-the time of the commit (in the first on-commit hook), the task notes the time it started (same
-machine, same clock). The ways are interleaved, one save every ``--pace`` seconds so the worker
-is waiting, not queueing. The seed's own fix, a countdown, is dispatched inside the transaction as
-the seed did; its samples are sent spread over the run and all land ``--countdown`` seconds later.
+One Celery worker (``--pool``: prefork, Celery's default, or threads; concurrency 4) runs the test
+project's tasks, which record when they start. It is also aftercommit's only sender: the relay runs
+inside it (a worker bootstep, the default; with prefork, a thread of the worker's main process,
+beside the consumer), woken by PostgreSQL's NOTIFY when a transaction that recorded a message
+commits; no relay process runs. Each sample is an admin-like save that dispatches one task; the
+caller notes the time of the commit (in the first on-commit hook), the task notes the time it
+started (same machine, same clock). The ways are interleaved, one save every ``--pace`` seconds so
+the worker is waiting, not queueing. The seed's own fix, a countdown, is dispatched inside the
+transaction as the seed did; its samples are sent spread over the run and all land ``--countdown``
+seconds later.
 """
 
 from __future__ import annotations
@@ -27,10 +29,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common
 
 
-def start_worker() -> subprocess.Popen[bytes]:
+def start_worker(pool: str) -> subprocess.Popen[bytes]:
     log = open(common.out_dir() / "latency-worker.log", "wb")  # noqa: SIM115 - the worker's
     argv = [
-        sys.executable, "-m", "celery", "-A", "tests.celery_app", "worker", "-P", "threads",
+        sys.executable, "-m", "celery", "-A", "tests.celery_app", "worker", "-P", pool,
         "-c", "4", "-Q", common.QUEUE, "-l", "info", "--without-heartbeat", "--without-gossip",
         "--without-mingle", "-n", f"bench-{os.getpid()}@%h",
     ]  # fmt: skip
@@ -63,12 +65,15 @@ def plot(path: Path, samples: dict[str, list[float]]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--samples", type=int, default=300)
-    parser.add_argument("--countdown", type=float, default=60.0, help="the seed's countdown")
+    parser.add_argument(
+        "--countdown", type=float, default=60.0, help="the seed's countdown (0: leave it out)"
+    )
+    parser.add_argument("--pool", choices=("prefork", "threads"), default="prefork")
     parser.add_argument("--pace", type=float, default=0.02, help="seconds between saves")
     parser.add_argument("--quick", action="store_true", help="a small run that checks the code")
     args = parser.parse_args()
     if args.quick:
-        args.samples, args.countdown = 20, 2.0
+        args.samples, args.countdown = 20, min(args.countdown, 2.0)
     common.setup_test_project()
     from django.db import transaction
     from tests.celery_app import app
@@ -80,7 +85,7 @@ def main() -> None:
     common.purge_queue(app)
     TaskRun.objects.all().delete()
     item = Item.objects.create(name="latency")
-    worker = start_worker()
+    worker = start_worker(args.pool)
     committed: dict[str, float] = {}  # token -> when the commit returned
 
     def save(token: str, dispatch: Callable[[str], Any]) -> None:
@@ -113,7 +118,7 @@ def main() -> None:
             for name, dispatch in ways.items():
                 save(f"{name}|{i}", dispatch)
                 time.sleep(args.pace)
-            if i % countdown_every == 0:
+            if args.countdown and i % countdown_every == 0:
                 save(
                     f"{countdown}|{i}",
                     lambda token: plain_read_item.apply_async(
@@ -147,7 +152,9 @@ def main() -> None:
     for line in relay_log:
         print(f"worker log: {line}", flush=True)
 
-    latency: dict[str, list[float]] = {name: [] for name in [*ways, countdown]}
+    latency: dict[str, list[float]] = {
+        name: [] for name in [*ways, *([countdown] if args.countdown else [])]
+    }
     for token, at in started.items():
         latency[token.split("|")[0]].append((at - committed[token]) * 1000)
     base = "Celery `delay_on_commit`"
@@ -187,10 +194,12 @@ def main() -> None:
         else:
             target = f"aftercommit p50 under {limit:.0f} ms"
             met = p50[ours] < limit
+    if args.pool != "prefork":  # the same setup with another pool: a section of its own
+        name, title, order = f"{name}-{args.pool}", f"{title}, {args.pool} pool", order + 0.05
     png = common.out_dir() / f"{name}-cdf.png"
     plot(png, latency)
     markdown = (
-        f"A real Celery worker (threads pool, 4 threads) on "
+        f"A real Celery worker ({args.pool} pool, concurrency 4) on "
         f"`{setup}`, with aftercommit's relay running inside "
         f"it (the default; no relay process), {wake}; one "
         f"admin-like save every {args.pace * 1000:.0f} ms, the ways interleaved. Latency is from "
@@ -213,6 +222,7 @@ def main() -> None:
             "latency_ms": latency,
             "pace": args.pace,
             "countdown": args.countdown,
+            "pool": args.pool,
             "relay_log": relay_log,
         },
         quick=args.quick,
