@@ -63,8 +63,10 @@ def _execute(
     sql: str,
     params: list[Any],
     types: tuple[str, ...],
+    *,
+    returns_rows: bool,
 ) -> Any:
-    """Run one of the relay's statements on PostgreSQL: the rows it returns, else its row count.
+    """Run one of the relay's statements on PostgreSQL: the rows it returns, or its row count.
 
     Outside a transaction it runs as a statement prepared once per session (``PREPARE`` /
     ``EXECUTE``, which both psycopg 2 and 3 pass through Django's own cursor, so its error
@@ -100,9 +102,33 @@ def _execute(
                     raise
                 connection._aftercommit_prepared = (raw, None)  # type: ignore[attr-defined]
                 cursor.execute(sql, params)
-        if cursor.description is None:
-            return cursor.rowcount
-        return cursor.fetchall()
+        # (Not cursor.description: psycopg builds a column object per column to answer it.)
+        return cursor.fetchall() if returns_rows else cursor.rowcount
+
+
+_claim_statements: dict[type[models.Model], tuple[str, list[str]]] = {}
+
+
+def _claim_statement(
+    model: type[models.Model], connection: BaseDatabaseWrapper
+) -> tuple[str, list[str]]:
+    """PostgreSQL's claim of ``model``'s rows, and the attribute names of what it returns;
+    written once."""
+    statement = _claim_statements.get(model)
+    if statement is None:
+        quote = connection.ops.quote_name
+        opts = model._meta
+        columns = ", ".join(quote(str(f.column)) for f in opts.concrete_fields)
+        table = quote(opts.db_table)
+        sql = (
+            f"UPDATE {table} SET due_at = STATEMENT_TIMESTAMP() + %s, claim_token = %s "
+            f"WHERE id IN ("
+            f"SELECT id FROM {table} WHERE status = %s AND due_at <= STATEMENT_TIMESTAMP() "
+            f"ORDER BY due_at, id LIMIT %s FOR UPDATE SKIP LOCKED) "
+            f"RETURNING {columns}, STATEMENT_TIMESTAMP()"
+        )
+        statement = _claim_statements[model] = (sql, [f.attname for f in opts.concrete_fields])
+    return statement
 
 
 def _sqlstate(exc: BaseException) -> str | None:
@@ -173,21 +199,10 @@ class OutboxMessageQuerySet(models.QuerySet["OutboxMessage"]):
     def _claim_returning(
         self, connection: BaseDatabaseWrapper, *, limit: int, lease: float, token: str
     ) -> list[OutboxMessage]:
-        opts = self.model._meta
-        names = [f.attname for f in opts.concrete_fields]
-        columns = ", ".join(connection.ops.quote_name(str(f.column)) for f in opts.concrete_fields)
-        table = connection.ops.quote_name(opts.db_table)
-        sql = (
-            f"UPDATE {table} SET due_at = STATEMENT_TIMESTAMP() + %s, claim_token = %s "
-            f"WHERE id IN ("
-            f"SELECT id FROM {table} WHERE status = %s AND due_at <= STATEMENT_TIMESTAMP() "
-            f"ORDER BY due_at, id LIMIT %s FOR UPDATE SKIP LOCKED) "
-            f"RETURNING {columns}, STATEMENT_TIMESTAMP()"
-        )
+        sql, names = _claim_statement(self.model, connection)
         params: list[Any] = [dt.timedelta(seconds=lease), token, Status.PENDING, limit]
-        rows = _execute(
-            connection, "aftercommit_claim", sql, params, ("interval", "text", "int", "int")
-        )
+        types = ("interval", "text", "int", "int")
+        rows = _execute(connection, "aftercommit_claim", sql, params, types, returns_rows=True)
         claimed: list[OutboxMessage] = []
         for *values, claimed_at in sorted(rows, key=lambda r: r[0]):
             message: OutboxMessage = self.model.from_db(self.db, names, values)
@@ -233,8 +248,9 @@ class OutboxMessageQuerySet(models.QuerySet["OutboxMessage"]):
                 f"last_error = '' WHERE id = ANY(%s) AND status = %s"
             )
             params = [Status.SENT, list(ids), Status.PENDING]
+            types = ("int", "bigint[]", "int")
             return _execute(
-                connection, "aftercommit_mark_sent", sql, params, ("int", "bigint[]", "int")
+                connection, "aftercommit_mark_sent", sql, params, types, returns_rows=False
             )
         return self.filter(id__in=ids, status=Status.PENDING).update(
             status=Status.SENT, sent_at=Now(), last_error=""
