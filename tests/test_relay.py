@@ -7,6 +7,7 @@ import datetime as dt
 import io
 import json
 import signal
+import threading
 import time
 import uuid
 from collections import Counter
@@ -294,3 +295,49 @@ def test_claim_and_mark__prepared_once_per_session__unprepared_behind_a_pooler(t
     assert _prepared_statements() == set()  # not prepared again on this connection
     assert outbox.filter(status=Status.SENT).count() == 3
     assert outbox.claim(limit=2, lease=60) == []
+
+
+def test_loop__a_batch_not_full_is_marked_after_a_pause__a_stopped_relay_marks_all(  # type: ignore[no-untyped-def]
+    token, monkeypatch
+) -> None:
+    """In its loop the relay marks a batch that was not full a few milliseconds after publishing
+    it, so a worker it runs in takes the task up without waiting for the mark (a full batch, a
+    backlog, is marked at once). Whatever it published is marked before it stops."""
+    from aftercommit import relay as relay_module
+    from aftercommit.brokers import Sender
+    from aftercommit.models import OutboxMessageQuerySet
+
+    events: list[tuple[str, float, int]] = []
+    publish, mark = Sender.send, OutboxMessageQuerySet.mark_sent
+
+    def recorded_publish(self, items):  # type: ignore[no-untyped-def]
+        outcome = publish(self, items)
+        events.append(("published", time.monotonic(), len(outcome.sent)))
+        return outcome
+
+    def recorded_mark(self, ids):  # type: ignore[no-untyped-def]
+        events.append(("marked", time.monotonic(), len(ids)))
+        return mark(self, ids)
+
+    monkeypatch.setattr(Sender, "send", recorded_publish)
+    monkeypatch.setattr(OutboxMessageQuerySet, "mark_sent", recorded_mark)
+    with transaction.atomic():
+        ids = [read_item.delay(token, None, i).id for i in range(3)]
+    relay = Relay(app, aliases=["default"])
+    thread = threading.Thread(target=relay.run)
+    thread.start()
+    try:
+        sent = OutboxMessage.objects.filter(task_id__in=ids, status=Status.SENT)
+        wait_for(lambda: sent.count() == 3)
+    finally:
+        relay.stop()
+        thread.join(30)
+    (published, at, count), (marked, marked_at, marked_count) = events[:2]
+    assert (published, count, marked, marked_count) == ("published", 3, "marked", 3)
+    assert marked_at - at >= relay_module.SETTLE_DELAY * 0.9
+
+    # A relay that stops (here: --once, nothing more due) right after a batch still marks it.
+    with transaction.atomic():
+        more = [read_item.delay(token, None, i).id for i in range(3, 5)]
+    Relay(app, aliases=["default"]).run(once=True)
+    assert OutboxMessage.objects.filter(task_id__in=more, status=Status.SENT).count() == 2
