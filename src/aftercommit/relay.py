@@ -138,7 +138,9 @@ class Relay:
                             look.discard(alias)
                 if once and not busy and time.monotonic() >= self._paused_until:
                     break
-                if self._unsettled:
+                if self._unsettled and busy:  # draining another database: no pause
+                    self._settle_published()
+                elif self._unsettled:
                     woken = self._pause_then_settle(waiter)
                     if woken:  # something committed during the pause: claim it now
                         look |= woken
