@@ -249,6 +249,11 @@ def accepted_options(app: Celery) -> frozenset[str]:
     # these: kombu's publish options, named here as well.
     names.update(KOMBU_PUBLISH_OPTIONS)
     names.update({"stamped_headers", "stamps", "task_type", "route_name", "exchange_type"})
+    # Celery's canvas copies an errback with ``sig.clone(immutable=True)``, which puts the
+    # signature's flag among its send options (``group.link_error`` on Celery 5.4; a chord's
+    # header errbacks with ``task_allow_error_cb_on_chord_header``); plain Celery publishes it as
+    # a message property.
+    names.add("immutable")
     names.discard("self")
     return frozenset(names)
 

@@ -24,7 +24,14 @@ DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 # Only keys the installed aftercommit knows: its settings table rejects unknown ones, and the keys
 # change with the one-sender redesign (issue 11).
-_wanted = {"CELERY_APP": "aftercommit_suite_app:app", "POLL_INTERVAL": 0.2}
+# MAX_PAYLOAD_BYTES: the default (256 KiB) refuses at the call what Celery's suite sends on purpose
+# (test_chain_to_a_chord_with_large_header: a chain whose rest is a chord of 1,000 tasks, about
+# 470 KB of send options); a deployment that sends such canvases raises it, as this run does.
+_wanted = {
+    "CELERY_APP": "aftercommit_suite_app:app",
+    "POLL_INTERVAL": 0.2,
+    "MAX_PAYLOAD_BYTES": 4 * 1024 * 1024,
+}
 AFTERCOMMIT = {key: value for key, value in _wanted.items() if key in SETTINGS}
 
 LOGGING = {
