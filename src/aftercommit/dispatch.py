@@ -13,6 +13,7 @@ the message is the relay's (see :mod:`aftercommit.messages`).
 from __future__ import annotations
 
 import base64
+import contextlib
 import datetime as dt
 import inspect
 import math
@@ -371,6 +372,14 @@ class _ProducerOnDemand:
             self._context.__exit__(None, None, None)
 
 
+def _cancel_subscription(backend: BaseBackend, task_id: str) -> None:
+    """Undo ``on_task_call`` for a call that stored nothing: no result will ever come."""
+    cancel = getattr(getattr(backend, "result_consumer", None), "cancel_for", None)
+    if cancel is not None:
+        with contextlib.suppress(Exception):  # the call's own error is the one to raise
+            cancel(task_id)
+
+
 def record(
     task: CeleryTask,
     args: Any,
@@ -445,22 +454,34 @@ def record(
         "trace": tracing.capture(),
         "status": Status.PENDING,
     }
-    if debounce is None:
-        message = OutboxMessage.objects.using(alias).insert(**values)
-    else:
+    if debounce is not None:
         values["debounce_key"] = debouncing.key(name, debounce_key, content_type, payload)
-        message = debouncing.insert(alias, float(debounce), values)
-    signals.send(signals.recorded, message=message, using=alias)
-    wakeup.after_commit(alias)
 
+    # Celery's send_task tells the result backend of the call before it publishes (Redis
+    # subscribes to the result channel, rpc:// declares the caller's reply queue); the row is the
+    # publish here, so it is written last. Outside a transaction it commits at once, and the relay
+    # may send the task, and a worker run it, before this function returns. Most backends do
+    # nothing at the call (the base class's no-op): then no producer stand-in either.
     backend = app.backend
-    # Most backends do nothing at the call (the base class's no-op): skip the producer stand-in.
-    if not ignore_result and type(backend).on_task_call is not BaseBackend.on_task_call:
+    told = not ignore_result and type(backend).on_task_call is not BaseBackend.on_task_call
+    if told:
         producer = _ProducerOnDemand(app)
         try:
             backend.on_task_call(producer, task_id)
         finally:
             producer.release()
+    try:
+        if debounce is None:
+            message = OutboxMessage.objects.using(alias).insert(**values)
+        else:
+            message = debouncing.insert(alias, float(debounce), values)
+    except BaseException:
+        if told:
+            _cancel_subscription(backend, task_id)
+        raise
+    signals.send(signals.recorded, message=message, using=alias)
+    wakeup.after_commit(alias)
+
     result: AsyncResult = result_cls(task_id)
     result.ignored = ignore_result
     if add_to_parent and parent is not None:
