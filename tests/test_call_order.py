@@ -78,7 +78,8 @@ def test_row_refused__no_subscription_left(backend_calls, monkeypatch, token) ->
         def cancel_for(self, task_id: str) -> None:
             cancelled.append(task_id)
 
-    monkeypatch.setattr(type(app.backend), "result_consumer", Consumer(), raising=False)
+    # On the instance: an asynchronous backend (Redis) sets its consumer in __init__.
+    monkeypatch.setattr(app.backend, "result_consumer", Consumer(), raising=False)
 
     def refuse(*args: Any, **kwargs: Any) -> None:
         raise RuntimeError("the database refused the row")
