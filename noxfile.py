@@ -160,10 +160,12 @@ def tests(session: nox.Session, django: str, celery: str, setup: str) -> None:
     if not main:
         env |= {"AFTERCOMMIT_SKIP_EXAMPLE": "1", "AFTERCOMMIT_SKIP_BENCH": "1"}
     redis_extra = "[redis]" if setup.endswith("+redis") else ""
-    # uv took Celery 5.5.0rc5 for "celery==5.5.*" once (to pair it with kombu 5.7); pip does not.
-    pins = [f"django=={django}.*", f"celery{redis_extra}=={celery}.*"]
+    # uv takes Celery 5.5.0rc5 for "celery==5.5.*" on Python 3.10 with Django 4.2 (to pair it
+    # with kombu 5.7), even with pre-releases allowed only where necessary: ">=5.5.0" rules every
+    # release candidate of the minor out (5.5.0rc5 < 5.5.0), so a release is what runs.
+    pins = [f"django=={django}.*", f"celery{redis_extra}=={celery}.*", f"celery>={celery}.0"]
     # Pre-releases only where a package has nothing else (OpenTelemetry's semantic conventions
-    # are all betas): a Celery release candidate must not stand in for a release.
+    # are all betas).
     session.install(".[test]", *pins, env={"UV_PRERELEASE": "if-necessary-or-explicit"})
     session.run("python", "tests/matrix_probe.py", "create-database", env=env)
     record["versions"] = _versions(session, env)
