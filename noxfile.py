@@ -121,6 +121,15 @@ def _versions(session: nox.Session, env: dict[str, str]) -> dict[str, str]:
     return dict(json.loads(str(out).strip().splitlines()[-1]))
 
 
+def _check_installed(session: nox.Session, versions: dict[str, str], **wanted: str) -> None:
+    """A session proves only the versions it is named for: a release of each minor asked for.
+    (Python 3.10 / Django 4.2 / Celery 5.5 once passed on 5.5.0rc5 and recorded itself passed.)"""
+    for package, minor in wanted.items():
+        got = str(versions.get(package))
+        if not re.fullmatch(rf"{re.escape(minor)}(\.\d+)*", got):
+            session.error(f"{package} {got} installed where a {minor} release was asked for")
+
+
 @nox.session
 @nox.parametrize(
     "python,django,celery,setup",
@@ -174,6 +183,7 @@ def tests(session: nox.Session, django: str, celery: str, setup: str) -> None:
     if not main and record["tests"] != "all":
         args = ["-k", str(record["tests"]), *args]
     try:
+        _check_installed(session, record["versions"], django=django, celery=celery)
         session.run("python", "tests/matrix.py", *args, env=env)
         record["status"] = "passed"
     finally:
