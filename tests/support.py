@@ -18,6 +18,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 import pytest
@@ -30,6 +31,9 @@ REQUIRE_SERVICES = os.environ.get("REQUIRE_SERVICES") == "1"
 # Hypothesis keeps its example database and caches here, not in a .hypothesis/ at the root.
 HYPOTHESIS_DIR = ARTIFACTS / "hypothesis"
 os.environ.setdefault("HYPOTHESIS_STORAGE_DIRECTORY", str(HYPOTHESIS_DIR))
+
+
+T = TypeVar("T")
 
 
 def wait_for(
@@ -46,6 +50,23 @@ def wait_for(
 
 
 # Services ----------------------------------------------------------------------------------------
+
+
+def from_another_connection(query: Callable[[], T]) -> T:
+    """``query()`` on a connection of its own (a thread's), as the relay or a worker would see the
+    database: outside the caller's open transaction and its snapshot."""
+    result: list[T] = []
+
+    def run() -> None:
+        try:
+            result.append(query())
+        finally:
+            connections.close_all()
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    thread.join()
+    return result[0]
 
 
 def unavailable(reason: str) -> None:

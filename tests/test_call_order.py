@@ -9,15 +9,15 @@ had reset its flag after ``delay()``.)"""
 
 from __future__ import annotations
 
-import threading
 from typing import Any
 
 import pytest
 from celery.backends.base import BaseBackend
-from django.db import connections, transaction
+from django.db import transaction
 
 from aftercommit.models import OutboxMessage, OutboxMessageQuerySet
 from tests.celery_app import app
+from tests.support import from_another_connection
 from tests.testapp.tasks import read_item
 
 pytestmark = pytest.mark.django_db(transaction=True, databases=["default", "other"])
@@ -38,18 +38,7 @@ def backend_calls(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, bool]]:
 
 def committed(task_id: str) -> bool:
     """Whether another connection sees the row (as the relay would)."""
-    seen: list[bool] = []
-
-    def look() -> None:
-        try:
-            seen.append(OutboxMessage.objects.filter(task_id=task_id).exists())
-        finally:
-            connections.close_all()
-
-    thread = threading.Thread(target=look)
-    thread.start()
-    thread.join()
-    return seen[0]
+    return from_another_connection(OutboxMessage.objects.filter(task_id=task_id).exists)
 
 
 def test_outside_a_transaction__backend_told_before_the_row_commits(backend_calls, token) -> None:  # type: ignore[no-untyped-def]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import datetime as dt
-import threading
 import time
 import uuid
 from collections import Counter
@@ -14,7 +13,7 @@ from django.db import connections, transaction
 
 from aftercommit import AmbiguousDatabaseError, DispatchError
 from aftercommit.models import OutboxMessage, Status
-from tests.support import wait_for
+from tests.support import from_another_connection, wait_for
 from tests.testapp.models import Item, TaskRun
 from tests.testapp.tasks import read_item, read_now
 
@@ -37,21 +36,7 @@ def ran(token: str, count: int = 1, timeout: float = 20) -> list[TaskRun]:
 def ran_seen_from_another_connection(token: str, count: int = 1) -> None:
     """Like ran(), for use inside an open transaction whose snapshot may hide the worker's rows."""
 
-    def check() -> bool:
-        result: list[int] = []
-
-        def query() -> None:
-            try:
-                result.append(TaskRun.objects.filter(token=token).count())
-            finally:
-                connections.close_all()
-
-        thread = threading.Thread(target=query)
-        thread.start()
-        thread.join()
-        return result[0] >= count
-
-    wait_for(check)
+    wait_for(lambda: from_another_connection(TaskRun.objects.filter(token=token).count) >= count)
 
 
 def settle(token: str) -> None:
