@@ -28,6 +28,7 @@ faults: $(BIN)/.installed  ## the long fault suite (a short form runs inside `ma
 	printf '# Fault suite\n\n`make faults`, %s, on %s (%s cores).\n' "$$(date -u +%F)" \
 		"$$(uname -srm)" "$$(nproc)" > docs/faults.md
 	AFTERCOMMIT_FAULTS=long AFTERCOMMIT_FAULTS_REPORT=$(CURDIR)/docs/faults.md AFTERCOMMIT_SKIP_EXAMPLE=1 AFTERCOMMIT_SKIP_BENCH=1 \
+		AFTERCOMMIT_JOBS=1 \
 		AFTERCOMMIT_SETUPS=postgresql+redis,postgresql+rabbitmq \
 		$(BIN)/python tests/matrix.py -m faults $(ARGS)
 

@@ -332,7 +332,7 @@ def test_database_connection_cut_and_database_unavailable__relay_recovers(
         with connections["default"].cursor() as cursor:
             cursor.execute(
                 "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                "WHERE application_name = 'aftercommit-relay'"
+                "WHERE application_name = 'aftercommit-relay' AND datname = current_database()"
             )
 
     for _ in range(3):  # connections dropped mid-batch
