@@ -35,7 +35,7 @@ faults: $(BIN)/.installed  ## the long fault suite (a short form runs inside `ma
 # Every benchmark in one run on PostgreSQL + Redis (and RabbitMQ for the drain), then the report.
 # BENCH_ARGS=--quick runs the small form that only checks the code (`make test` runs it).
 BENCH_OUT ?= $(CURDIR)/benchmarks/results
-# The RabbitMQ the drain runs on (another vhost keeps a run apart from the tests' queues).
+# The RabbitMQ the drain runs on (its queue, aftercommit-bench, keeps it apart from the tests').
 BENCH_AMQP_URL ?= amqp://guest:guest@127.0.0.1:5672//
 BENCH_REPORT ?= $(CURDIR)/benchmarks/REPORT.md
 BENCH := BENCH_OUT=$(BENCH_OUT) $(BIN)/python benchmarks

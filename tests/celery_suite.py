@@ -504,19 +504,32 @@ def run_file(argv: list[str], suite: Path, env: dict[str, str], limit: float) ->
     A file can hang past every test's own timeout (a result listener deadlocked in redis-py's
     PubSub, celery/celery#10477, seen once on plain Celery 5.4): the process group then gets
     SIGINT, on which pytest stops and still writes its JUnit XML of what ran, then SIGKILL."""
-    proc = subprocess.Popen(argv, cwd=suite, env=env, start_new_session=True)
+    proc = subprocess.Popen(
+        argv, cwd=suite, env=env, start_new_session=True,
+        # SIGINT as pytest expects it: a shell's background job (CI's) starts with it ignored,
+        # and an ignored signal stays ignored in every child.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )  # fmt: skip
     try:
         proc.wait(limit)
         return True
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGINT)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(60)
+        _interrupt(proc)
         return False
-    finally:  # also on Ctrl-C here: its own session does not get the terminal's
-        if proc.poll() is None:
+    except KeyboardInterrupt:  # its own session does not get the terminal's Ctrl-C: pass it on
+        _interrupt(proc)
+        raise
+    finally:  # whatever of its process group is left (a worker it forked)
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        proc.wait()
+
+
+def _interrupt(proc: subprocess.Popen[bytes]) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGINT)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(60)
 
 
 # The report --------------------------------------------------------------------------------------

@@ -7,17 +7,20 @@ Extra arguments go to pytest: ``python tests/matrix.py -k race``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 from xml.etree import ElementTree
 
@@ -92,22 +95,44 @@ class Output:
     text: str
 
 
+# The commands the jobs are running, so that Ctrl-C (or a SIGINT to this runner alone) reaches them.
+_running: set[subprocess.Popen[Any]] = set()
+_running_lock = threading.Lock()
+
+
 def run(argv: list[str], env: dict[str, str], log: Path | None = None) -> Output:
-    """Run a command, streaming its output, or writing it to ``log`` when jobs run side by side."""
+    """Run a command, streaming its output, or writing it to ``log`` when jobs run side by side
+    (then with no terminal input: two jobs must not both wait on it)."""
     if log is not None:
         log.parent.mkdir(parents=True, exist_ok=True)
         with log.open("w") as out:
-            code = subprocess.run(argv, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
-        return Output(code.returncode, log.read_text(errors="replace"))
+            proc = subprocess.Popen(
+                argv, cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=out,
+                stderr=subprocess.STDOUT,
+            )  # fmt: skip
+            with _running_lock:
+                _running.add(proc)
+            try:
+                code = proc.wait()
+            finally:
+                with _running_lock:
+                    _running.discard(proc)
+        return Output(code, log.read_text(errors="replace"))
     proc = subprocess.Popen(
         argv, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
     assert proc.stdout is not None
+    with _running_lock:
+        _running.add(proc)
     lines = []
-    for line in proc.stdout:
-        sys.stdout.write(line)
-        lines.append(line)
-    return Output(proc.wait(), "".join(lines))
+    try:
+        for line in proc.stdout:
+            sys.stdout.write(line)
+            lines.append(line)
+        return Output(proc.wait(), "".join(lines))
+    finally:
+        with _running_lock:
+            _running.discard(proc)
 
 
 def pytest(argv: list[str], env: dict[str, str], artifacts: Path, alone: bool) -> dict[str, int]:
@@ -126,14 +151,23 @@ class Job:
     form."""
 
     name: str
-    work: Callable[[bool], tuple[dict[str, int], str]]  # (alone) -> (counts, summary detail)
+    work: Callable[[bool], dict[str, int]]  # (alone) -> its counts
     artifacts: Path  # its output.log is there when it runs beside others
+    note: str = ""  # added to its summary line
+
+
+@dataclass
+class Done:
+    found: dict[str, int]
+    took: float
+    error: str = ""  # this runner's own failure, if the job could not even run
 
 
 def jobs_wanted() -> int:
-    """How many parts run at once (AFTERCOMMIT_JOBS; default 2). Each setup has databases, Redis
-    dbs and a vhost or folder of its own, and its tests mostly wait on worker and relay processes,
-    so on 2 cores two at a time take about half the time; 1 runs them one after another."""
+    """How many parts run at once (AFTERCOMMIT_JOBS; default 2). Each setup has its own databases,
+    Redis db or broker folder, queues and state, and its tests mostly wait on worker and relay
+    processes, so on 2 cores two at a time take about half the time; 1 runs them one after
+    another, streaming their output."""
     raw = os.environ.get("AFTERCOMMIT_JOBS", "2")
     try:
         wanted = int(raw)
@@ -144,35 +178,62 @@ def jobs_wanted() -> int:
     return wanted
 
 
-def run_jobs(jobs: list[Job], parallel: int) -> list[tuple[str, dict[str, int], str]]:
-    """Run the jobs, ``parallel`` at a time, in the order given. Side by side, each job writes to
-    its own log, printed whole when it ends, so one setup's output never interleaves another's."""
+# pytest options that talk to the terminal: a run with one of them streams, one job at a time.
+INTERACTIVE = ("--pdb", "--trace", "-s", "--capture=no", "--pdbcls")
+# While jobs run side by side, a line every this many seconds says which are still running.
+HEARTBEAT = 300.0
+
+
+def run_jobs(jobs: list[Job], parallel: int) -> tuple[dict[str, Done], bool]:
+    """Run the jobs, ``parallel`` at a time, in the order given; what each did, and whether the
+    run was interrupted (Ctrl-C). Side by side, each job writes to its own log, printed whole when
+    it ends, so one setup's output never interleaves another's."""
     alone = parallel == 1 or len(jobs) == 1
-    done: dict[str, tuple[dict[str, int], str]] = {}
+    done: dict[str, Done] = {}
+    started: dict[str, float] = {}
+    print_lock = threading.Lock()
+
+    def say(text: str) -> None:
+        with print_lock:
+            print(text, end="", flush=True)
 
     def one(job: Job) -> None:
-        if alone:
-            print(f"\n=== {job.name}", flush=True)
-        else:
-            print(f"=== {job.name}: started", flush=True)
-        started = time.monotonic()
+        started[job.name] = time.monotonic()
+        say(f"\n=== {job.name}\n" if alone else f"=== {job.name}: started\n")
         try:
-            found, detail = job.work(alone)
-        except Exception as exc:  # a bug of this runner must still end in a failed summary line
-            found, detail = {"passed": 0, "failed": 1, "skipped": 0}, f"runner error {exc!r}"
-        took = time.monotonic() - started
-        done[job.name] = (found, detail.format(took=took))
+            done[job.name] = Done(job.work(alone), time.monotonic() - started[job.name])
+        except BaseException as exc:  # a bug of this runner must still end in a summary line
+            took = time.monotonic() - started[job.name]
+            done[job.name] = Done({"passed": 0, "failed": 1, "skipped": 0}, took, repr(exc))
         if not alone:
             log = job.artifacts / "output.log"
             text = log.read_text(errors="replace") if log.exists() else ""
-            with print_lock:
-                print(f"\n=== {job.name} (ended after {took:.0f}s)\n{text}", end="", flush=True)
+            say(f"\n=== {job.name} (ended after {done[job.name].took:.0f}s)\n{text}")
 
-    print_lock = threading.Lock()
-    with ThreadPoolExecutor(max_workers=parallel) as pool:
-        for future in [pool.submit(one, job) for job in jobs]:
-            future.result()
-    return [(job.name, *done[job.name]) for job in jobs]
+    pool = ThreadPoolExecutor(max_workers=parallel)
+    futures = [pool.submit(one, job) for job in jobs]
+    pending = set(futures)
+    interrupted = False
+    try:
+        while pending:
+            _, pending = wait(pending, timeout=HEARTBEAT)
+            running = [
+                f"{name} ({time.monotonic() - at:.0f}s)"
+                for name, at in started.items()
+                if name not in done
+            ]
+            if pending and running and not alone:
+                say(f"=== still running: {', '.join(running)}\n")
+    except KeyboardInterrupt:
+        interrupted = True
+        pool.shutdown(wait=False, cancel_futures=True)  # nothing new starts
+        say("\n=== interrupted: stopping the running jobs (their output follows)\n")
+        with _running_lock:  # a terminal's Ctrl-C reached them already; a SIGINT to us did not
+            for proc in _running:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.send_signal(signal.SIGINT)
+    pool.shutdown(wait=True)
+    return done, interrupted
 
 
 def main(argv: list[str]) -> int:
@@ -189,10 +250,12 @@ def main(argv: list[str]) -> int:
         # Named, so its artifacts and SQLite state stay apart from other runs (noxfile.py).
         custom = os.environ.get("AFTERCOMMIT_SETUP_NAME", "custom")
         chosen = {custom: (os.environ.get("DATABASE_URL", ""), os.environ.get("BROKER_URL", ""))}
+    if len(chosen) == 1 or any(a in INTERACTIVE or a.startswith("--pdbcls") for a in argv):
+        parallel = 1  # one setup (the example after it), or a debugger: streamed, as it runs
 
     totals = {"passed": 0, "failed": 0, "skipped": 0}
     results: dict[str, dict[str, int]] = {}
-    summary: list[str] = []
+    summary: dict[str, str] = {}  # in the order the parts are named here
     jobs: list[Job] = []
 
     def setup_job(name: str, database_url: str, broker_url: str) -> Job:
@@ -200,9 +263,8 @@ def main(argv: list[str]) -> int:
         env["AFTERCOMMIT_ARTIFACTS"] = str(ROOT / ".artifacts" / name)
         env["AFTERCOMMIT_TEST_STATE"] = str(ROOT / ".artifacts" / name / "state")
 
-        def work(alone: bool) -> tuple[dict[str, int], str]:
-            found = pytest(argv, env, ROOT / ".artifacts" / name, alone)
-            return found, "in {took:.0f}s"
+        def work(alone: bool) -> dict[str, int]:
+            return pytest(argv, env, ROOT / ".artifacts" / name, alone)
 
         return Job(name, work, ROOT / ".artifacts" / name)
 
@@ -210,12 +272,13 @@ def main(argv: list[str]) -> int:
         problem = unreachable(database_url, broker_url)
         if problem:
             if require:
-                summary.append(f"{name}: FAILED, REQUIRE_SERVICES=1 and {problem}")
+                summary[name] = f"{name}: FAILED, REQUIRE_SERVICES=1 and {problem}"
                 totals["failed"] += 1
             else:
-                summary.append(f"{name}: skipped, {problem}")
+                summary[name] = f"{name}: skipped, {problem}"
             print(f"\n=== {name}: skipped: {problem}", flush=True)
             continue
+        summary[name] = ""
         jobs.append(setup_job(name, database_url, broker_url))
 
     # The example project (the demo, its propagation and its browser test) has its own settings,
@@ -224,54 +287,62 @@ def main(argv: list[str]) -> int:
         env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "BROKER_URL")}
         env["AFTERCOMMIT_ARTIFACTS"] = str(ROOT / ".artifacts" / "example")
 
-        def example(alone: bool) -> tuple[dict[str, int], str]:
+        def example(alone: bool) -> dict[str, int]:
             argv = ["example/tests", "-c", "example/pytest.ini"]
-            return pytest(argv, env, ROOT / ".artifacts" / "example", alone), "in {took:.0f}s"
+            return pytest(argv, env, ROOT / ".artifacts" / "example", alone)
 
+        summary["example"] = ""
         jobs.append(Job("example", example, ROOT / ".artifacts" / "example"))
 
     # The benchmarks' short form: every benchmark runs on a few hundred messages, so a change that
     # breaks one shows here; the figures come from `make bench`. Its database, Redis db and queue
     # are its own (benchmarks/common.py), so it runs beside the setups.
+    bench_name = "benchmarks --quick"
     if not os.environ.get("AFTERCOMMIT_SKIP_BENCH") and not argv and chosen.keys() <= SETUPS.keys():
-        name = "benchmarks --quick"
         database_url, redis_url = SETUPS["postgresql+redis"]
         problem = unreachable(
             database_url, redis_url, SETUPS["postgresql+rabbitmq"][1], SETUPS["mariadb+redis"][0]
         )
         if problem:
             verdict = "FAILED, REQUIRE_SERVICES=1 and" if require else "skipped,"
-            summary.append(f"{name}: {verdict} {problem}")
+            summary[bench_name] = f"{bench_name}: {verdict} {problem}"
             totals["failed" if require else "skipped"] += 1
         else:
             out = ROOT / ".artifacts" / "bench"
             report = out / "REPORT.md"
             env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "BROKER_URL")}
 
-            def bench(alone: bool) -> tuple[dict[str, int], str]:
+            def bench(alone: bool) -> dict[str, int]:
                 make = ["make", "--no-print-directory", "bench", "BENCH_ARGS=--quick"]
                 log = None if alone else out / "output.log"
                 output = run([*make, f"BENCH_OUT={out}", f"BENCH_REPORT={report}"], env, log)
                 ok = output.code == 0
-                found = {"passed": int(ok), "failed": int(not ok), "skipped": 0}
-                return found, (
-                    "passed" if ok else "FAILED"
-                ) + f" in {{took:.0f}}s, report in {report}"
+                return {"passed": int(ok), "failed": int(not ok), "skipped": 0}
 
-            jobs.append(Job(name, bench, out))
+            summary[bench_name] = ""
+            jobs.append(Job(bench_name, bench, out, note=f", report in {report}"))
 
     # Longest first, so that the last ones to start are short ones.
     jobs.sort(key=lambda job: -TYPICAL_SECONDS.get(job.name, 0))
-    for name, found, detail in run_jobs(jobs, parallel):
-        results[name] = found
+    done, interrupted = run_jobs(jobs, parallel)
+    for job in jobs:
+        if job.name not in done:
+            summary[job.name] = f"{job.name}: not run (interrupted)"
+            continue
+        result = done[job.name]
+        found = results[job.name] = result.found
         for key in totals:
             totals[key] += found.get(key, 0)
-        if name == "benchmarks --quick":
-            summary.append(f"{name}: {detail}")
+        took = f"in {result.took:.0f}s"
+        if result.error:
+            summary[job.name] = f"{job.name}: FAILED, the runner broke {took}: {result.error}"
+        elif job.name == bench_name:
+            verdict = "passed" if not found["failed"] else "FAILED"
+            summary[job.name] = f"{job.name}: {verdict} {took}{job.note}"
         else:
-            summary.append(
-                f"{name}: {found.get('passed', 0)} passed, {found.get('failed', 0)} failed, "
-                f"{found.get('skipped', 0)} skipped {detail}"
+            summary[job.name] = (
+                f"{job.name}: {found.get('passed', 0)} passed, {found.get('failed', 0)} failed, "
+                f"{found.get('skipped', 0)} skipped {took}{job.note}"
             )
 
     # For the version matrix (noxfile.py): what ran, per setup.
@@ -281,12 +352,14 @@ def main(argv: list[str]) -> int:
         Path(result_file).write_text(json.dumps({"totals": totals, "setups": results}, indent=2))
 
     print("\n=== summary")
-    for line in summary:
+    for line in summary.values():
         print(line)
     print(
         f"aftercommit: {totals['passed']} passed, {totals['failed']} failed, "
-        f"{totals['skipped']} skipped"
+        f"{totals['skipped']} skipped" + (", interrupted" if interrupted else "")
     )
+    if interrupted:
+        return 130
     return 1 if totals["failed"] or not totals["passed"] else 0
 
 

@@ -322,9 +322,9 @@ def test_database_connection_cut_and_database_unavailable__relay_recovers(
 ) -> None:  # type: ignore[no-untyped-def]
     with transaction.atomic():
         ids = {read_item.delay(token, None, i).id for i in range(SIZE["relay_backlog"])}
-    relay = spawn(
-        "relay", relay_argv("--batch-size", "20"), AFTERCOMMIT_TEST_APP_NAME="aftercommit-relay"
-    )
+    # Named for this run alone: another setup's relay (make test runs two at once) keeps its own.
+    app_name = f"aftercommit-relay-{os.getpid()}"
+    relay = spawn("relay", relay_argv("--batch-size", "20"), AFTERCOMMIT_TEST_APP_NAME=app_name)
     database = connections["default"].settings_dict["NAME"]
     wait_for(lambda: delivered(token), timeout=60)
 
@@ -332,7 +332,8 @@ def test_database_connection_cut_and_database_unavailable__relay_recovers(
         with connections["default"].cursor() as cursor:
             cursor.execute(
                 "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                "WHERE application_name = 'aftercommit-relay' AND datname = current_database()"
+                "WHERE application_name = %s",
+                [app_name],
             )
 
     for _ in range(3):  # connections dropped mid-batch
