@@ -483,6 +483,9 @@ def run_pytest(
                         flush=True,
                     )
                     run.cut.append(path)
+                elif not xml.exists():  # killed from outside, or it died: nothing to count
+                    print(f"--- {run.name}: {path} ended without a report", flush=True)
+                    run.cut.append(path)
             finally:
                 run.seconds[path] = time.monotonic() - started
                 (run.folder / "seconds.json").write_text(json.dumps(run.seconds, indent=1))
@@ -502,8 +505,10 @@ def run_file(argv: list[str], suite: Path, env: dict[str, str], limit: float) ->
     """One test file's pytest process; False when it was still running after ``limit`` seconds.
 
     A file can hang past every test's own timeout (a result listener deadlocked in redis-py's
-    PubSub, celery/celery#10477, seen once on plain Celery 5.4): the process group then gets
-    SIGINT, on which pytest stops and still writes its JUnit XML of what ran, then SIGKILL."""
+    PubSub, celery/celery#10477, seen twice on plain Celery 5.4): the process group then gets
+    SIGINT, on which pytest stops and still writes its JUnit XML of what ran, then SIGKILL. (A
+    main thread blocked where Python cannot raise, as in that deadlock, misses the SIGINT: the
+    file then has no report, and the report counts it as cut short.)"""
     proc = subprocess.Popen(
         argv, cwd=suite, env=env, start_new_session=True,
         # SIGINT as pytest expects it: a shell's background job (CI's) starts with it ignored,
@@ -594,7 +599,9 @@ def report(runs: list[Run], version: str) -> int:
     print(f"{'total':<{width}}  " + "  ".join(f"{counts(run):<28}" for run in runs))
     for run in runs:
         for path in run.cut:
-            print(f"{run.name}: {path} was interrupted (hung); its unfinished tests not counted")
+            print(
+                f"{run.name}: {path} was cut short (hung or killed): unfinished tests not counted"
+            )
     if len(runs) < 2:
         return 0 if all("failed" not in r.outcomes.values() and not r.cut for r in runs) else 1
     plain, ours = runs
