@@ -107,6 +107,10 @@ def write_config(delay: str, primary: dict[str, str]) -> None:
         f"unix_socket_directories = '{HOME}'\n"
         f"hba_file = '{DATA}/pg_hba.conf'\n"
         f"hot_standby = on\n"
+        # Without it the primary's cleanup cancels standby reads that still need the removed
+        # rows, even a connection's first catalog read ("canceling statement due to conflict with
+        # recovery"): seen when make test runs two PostgreSQL setups at once on one primary.
+        f"hot_standby_feedback = on\n"
         f"recovery_min_apply_delay = '{delay}'\n"
         # Test teardown truncates tables; a read on the standby must not hold replay up for long.
         f"max_standby_streaming_delay = 5s\n"
@@ -160,9 +164,11 @@ def build(delay: str) -> None:
 def start(delay: str) -> int:
     state = replica_state()
     if state and state["in_recovery"]:
+        # The configuration is written again each time (a replica made by an older version of
+        # this script lacks a setting); what it holds takes a reload.
+        write_config(delay, primary_settings())
+        as_postgres(str(bin_dir() / "pg_ctl"), "-D", str(DATA), "reload")
         if state["delay"] != _normalised(delay):
-            write_config(delay, primary_settings())
-            as_postgres(str(bin_dir() / "pg_ctl"), "-D", str(DATA), "reload")
             print(f"recovery_min_apply_delay {state['delay']} -> {delay}")
         print(f"replica running on port {PORT}\nAFTERCOMMIT_TEST_REPLICA_URL={url()}")
         return 0
