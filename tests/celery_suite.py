@@ -90,6 +90,10 @@ DESELECTED = {
     "Django connection, which breaks the rest of the aftercommit run of the file",
     "t/integration/test_tasks.py::test_tasks::test_multithread_producer": "skipped as broken by "
     "Celery since 5.5",
+    "t/integration/test_tasks.py::test_tasks::test_revoked_by_headers_complex_canvas": "deadlocks "
+    "on Celery 5.4 with redis-py 5, plain Celery too: building the chord, a result's __del__ "
+    "(garbage collection inside PubSub.subscribe) calls PubSub.unsubscribe, which waits forever on "
+    "the lock the subscribe holds (seen in both runs, py-spy); on Celery 5.7 it fails both ways",
 }
 
 # The representative subset (make celery-suite-ci): every failure class of issue 15 (replace(),
