@@ -3,6 +3,10 @@
 Setups whose servers are not reachable are skipped with the reason printed, or fail the run when
 REQUIRE_SERVICES=1. With DATABASE_URL or BROKER_URL set, only that one setup runs.
 Extra arguments go to pytest: ``python tests/matrix.py -k race``.
+
+The setups, the example project's tests and the benchmarks' short form run AFTERCOMMIT_JOBS (2)
+at a time, the longest first, each writing to its own .artifacts/<part>/output.log, printed whole
+when it ends; one setup, AFTERCOMMIT_JOBS=1 or a debugger in the arguments streams instead.
 """
 
 from __future__ import annotations
