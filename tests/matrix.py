@@ -20,7 +20,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
@@ -104,6 +104,17 @@ _running: set[subprocess.Popen[Any]] = set()
 _running_lock = threading.Lock()
 
 
+@contextlib.contextmanager
+def _tracked(proc: subprocess.Popen[Any]) -> Iterator[subprocess.Popen[Any]]:
+    with _running_lock:
+        _running.add(proc)
+    try:
+        yield proc
+    finally:
+        with _running_lock:
+            _running.discard(proc)
+
+
 def run(argv: list[str], env: dict[str, str], log: Path | None = None) -> Output:
     """Run a command, streaming its output, or writing it to ``log`` when jobs run side by side
     (then with no terminal input: two jobs must not both wait on it)."""
@@ -114,29 +125,19 @@ def run(argv: list[str], env: dict[str, str], log: Path | None = None) -> Output
                 argv, cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=out,
                 stderr=subprocess.STDOUT,
             )  # fmt: skip
-            with _running_lock:
-                _running.add(proc)
-            try:
+            with _tracked(proc):
                 code = proc.wait()
-            finally:
-                with _running_lock:
-                    _running.discard(proc)
         return Output(code, log.read_text(errors="replace"))
     proc = subprocess.Popen(
         argv, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
     assert proc.stdout is not None
-    with _running_lock:
-        _running.add(proc)
     lines = []
-    try:
+    with _tracked(proc):
         for line in proc.stdout:
             sys.stdout.write(line)
             lines.append(line)
         return Output(proc.wait(), "".join(lines))
-    finally:
-        with _running_lock:
-            _running.discard(proc)
 
 
 def pytest(argv: list[str], env: dict[str, str], artifacts: Path, alone: bool) -> dict[str, int]:
@@ -183,7 +184,7 @@ def jobs_wanted() -> int:
 
 
 # pytest options that talk to the terminal: a run with one of them streams, one job at a time.
-INTERACTIVE = ("--pdb", "--trace", "-s", "--capture=no", "--pdbcls")
+INTERACTIVE = ("--pdb", "--trace", "-s", "--capture=no")
 # While jobs run side by side, a line every this many seconds says which are still running.
 HEARTBEAT = 300.0
 
