@@ -190,8 +190,13 @@ def test_relay_connection_terminated_between_publish_and_mark__nothing_lost_noth
     with transaction.atomic():
         ids = {read_item.delay(token, None, i).id for i in range(SIZE["relay_backlog"] // 2)}
     started = time.monotonic()
+    # Full batches: each is marked on the relay's database thread; the hook finds its connection
+    # by the relay's own application name.
     relay = spawn(
-        "relay", relay_argv("--batch-size", "50"), AFTERCOMMIT_TEST_CUT_AFTER_PUBLISH="50"
+        "relay",
+        relay_argv("--batch-size", "50"),
+        AFTERCOMMIT_TEST_CUT_AFTER_PUBLISH="50",
+        AFTERCOMMIT_TEST_APP_NAME=f"aftercommit-cut-{os.getpid()}",
     )
     wait_delivered(token, ids, timeout=120)
     time.sleep(1)

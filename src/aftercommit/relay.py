@@ -19,6 +19,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from types import FrameType
 from typing import Any, TypeVar
 
@@ -107,9 +108,13 @@ class Relay:
         self._last_heartbeat: dict[str, float] = {}
         self._last_purge = 0.0
         self._last_purge_step = 0.0
-        self._tuned: dict[str, Any] = {}  # alias -> the raw connection already set up
+        self._tuned: dict[tuple[int, str], Any] = {}  # (thread, alias) -> the raw connection set up
         self._purging: list[str] = []
         self._unsettled: list[tuple[str, list[OutboxMessage]]] = []  # published, not yet marked
+        # Draining a backlog (see run_batch): full batches are marked on a thread of their own,
+        # with its own connections, while this one goes on.
+        self._db: ThreadPoolExecutor | None = None
+        self._marking: list[tuple[str, list[OutboxMessage], Future[int]]] = []
 
     # The loop -----------------------------------------------------------------------------
 
@@ -130,7 +135,7 @@ class Relay:
                         if self.stopping.is_set() or alias not in look:
                             continue
                         last_look[alias] = time.monotonic()
-                        if self._step(alias, defer=True) >= (
+                        if self._step(alias, in_loop=True) >= (
                             self.batch_size or settings.BATCH_SIZE
                         ):
                             busy = True  # a full batch: there may be more, look again at once
@@ -145,6 +150,8 @@ class Relay:
                     if woken:  # something committed during the pause: claim it now
                         look |= woken
                         busy = True
+                if not busy:  # a drain is over: the last marks' signals
+                    self._collect_marks(wait=True)
                 self._upkeep(busy=busy)
                 if not busy and not self.stopping.is_set():
                     look |= self._wait(waiter, last_look)
@@ -188,7 +195,7 @@ class Relay:
     def _notified(self, alias: str) -> bool:
         return self.waiter is not None and self.waiter.notifies(alias)
 
-    def _step(self, alias: str, *, defer: bool = False) -> int:
+    def _step(self, alias: str, *, in_loop: bool = False) -> int:
         """One batch on one database: how many messages it claimed. Database errors never end
         the loop."""
         try:
@@ -196,7 +203,7 @@ class Relay:
             self._heartbeat(alias)
             if not self._notified(alias) and not OutboxMessage.objects.using(alias).any_due():
                 return 0
-            return self.run_batch(alias, defer_mark=defer)
+            return self.run_batch(alias, in_loop=in_loop)
         except Exception:
             logger.exception("relay batch on %r failed; reconnecting", alias)
             connections[alias].close()
@@ -221,28 +228,36 @@ class Relay:
             return
         connection.ensure_connection()
         raw = connection.connection
-        if self._tuned.get(alias) is raw:
+        key = (threading.get_ident(), alias)  # the loop's thread, and the database thread's
+        if self._tuned.get(key) is raw:
             return
         with connection.cursor() as cursor:
             cursor.execute("SET enable_bitmapscan TO off")
             cursor.execute("SET synchronous_commit TO off")
-        self._tuned[alias] = raw
+        self._tuned[key] = raw
 
     # One batch -----------------------------------------------------------------------------
 
-    def run_batch(self, alias: str, *, defer_mark: bool = False) -> int:
-        """Claim, build, publish, settle. Returns how many messages were claimed. With
-        ``defer_mark``, a batch that was not full is marked sent by the next
-        ``_settle_published()`` instead (the loop's, a few milliseconds later)."""
+    def run_batch(self, alias: str, *, in_loop: bool = False) -> int:
+        """Claim, build, publish, settle. Returns how many messages were claimed.
+
+        ``in_loop`` is the relay loop's own call. A batch that was not full is then marked sent
+        by the next ``_settle_published()`` (the loop's, a few milliseconds later). A full batch
+        means a backlog: it is marked on the relay's database thread while this one claims,
+        builds and publishes the next, so the mark's time in the database hides behind them
+        (measured draining a backlog: 5% less time per message; the claim is not moved there,
+        its rows' loading would take the interpreter's lock from the publishing and cost more
+        than it saves).
+        """
         lease = float(settings.LEASE)
+        limit = self.batch_size or settings.BATCH_SIZE
+        started = time.monotonic()
         skip_locked = connections[alias].features.has_select_for_update_skip_locked
         if not skip_locked and not Lease.objects.using(alias).acquire(
             CLAIM_LEASE, self.holder, seconds=lease
         ):
             return 0
-        rows = OutboxMessage.objects.using(alias).claim(
-            limit=self.batch_size or settings.BATCH_SIZE, lease=lease
-        )
+        rows = OutboxMessage.objects.using(alias).claim(limit=limit, lease=lease)
         if not rows:
             return 0
         claimed = len(rows)
@@ -252,7 +267,7 @@ class Relay:
         # Replica-safe reads (replicas.py, issue 14): read after the claim, so after every claimed
         # row's commit. One query, only when the alias has listed replicas.
         lsn = replicas.position(alias)
-        deadline = time.monotonic() + lease * 0.8
+        deadline = started + lease * 0.8
         builder = Builder(self.app)
         items: list[Outgoing] = []
         failed: list[tuple[OutboxMessage, BaseException]] = []
@@ -266,10 +281,14 @@ class Relay:
                 item.options["headers"] = replicas.stamped(item.options.get("headers"), alias, lsn)
         outcome = self.sender.send(items)
         sent = [item.row for item in outcome.sent]
-        if defer_mark and claimed < (self.batch_size or settings.BATCH_SIZE):
+        if in_loop and claimed >= limit and skip_locked:  # (SQLite has one writer at a time)
+            marking = self._in_background(alias, self._mark, alias, sent)
+            self._marking.append((alias, sent, marking))
+        elif in_loop:
             self._unsettled.append((alias, sent))
         else:
             self._mark_sent(alias, sent)
+        self._collect_marks(wait=False)
         failed += [(item.row, error) for item, error in outcome.failed]
         for row, error in failed:
             self._record_failure(alias, row, error)
@@ -294,9 +313,62 @@ class Relay:
             )
         return claimed
 
-    def _mark_sent(self, alias: str, rows: list[OutboxMessage]) -> None:
+    def _mark(self, alias: str, rows: list[OutboxMessage]) -> int:
         outbox = OutboxMessage.objects.using(alias)
-        self._settle(alias, lambda: outbox.mark_sent([r.id for r in rows]))
+        ids = [r.id for r in rows]
+
+        def write() -> int:
+            self._tune_session(alias)  # (the database thread's connection may be a new one)
+            return outbox.mark_sent(ids)
+
+        return self._settle(alias, write)
+
+    # The database thread (a backlog's marks) -------------------------------------------------
+
+    def _in_background(self, alias: str, work: Callable[..., T], *args: Any) -> Future[T]:
+        """Run ``work`` on the relay's database thread, on that thread's own connection to
+        ``alias``; one thing at a time, in the order given."""
+        if self._db is None:
+            self._db = ThreadPoolExecutor(max_workers=1, thread_name_prefix="aftercommit-relay-db")
+
+        def run() -> T:
+            try:
+                return work(*args)
+            except Exception:
+                connections[alias].close()  # this thread's connection: a fresh one next time
+                raise
+
+        return self._db.submit(run)
+
+    def _collect_marks(self, *, wait: bool) -> None:
+        """Send the ``sent`` signals of the batches the database thread has marked, in order
+        (with ``wait``, of all of them). A mark that failed leaves its rows to be sent again."""
+        while self._marking:
+            alias, rows, marking = self._marking[0]
+            if not wait and not marking.done():
+                return
+            self._marking.pop(0)
+            try:
+                marking.result()
+            except Exception:
+                logger.exception(
+                    "relay %s: marking %d sent message(s) on %r failed; they will be sent again",
+                    self.holder,
+                    len(rows),
+                    alias,
+                )
+            else:
+                self._signal_sent(alias, rows)
+
+    def _stop_background(self) -> None:
+        self._collect_marks(wait=True)
+        db, self._db = self._db, None
+        if db is not None:
+            db.submit(connections.close_all).result()  # that thread's own connections
+            db.shutdown(wait=True)
+
+    def _mark_sent(self, alias: str, rows: list[OutboxMessage]) -> None:
+        self._mark(alias, rows)
         self._signal_sent(alias, rows)
 
     def _pause_then_settle(self, waiter: Waiter) -> set[str]:
@@ -315,6 +387,7 @@ class Relay:
     def _settle_published(self) -> None:
         """Mark what was published and not marked yet. A database that stays unreachable past
         the lease leaves those rows to be sent again (at least once, as always)."""
+        self._collect_marks(wait=True)
         unsettled, self._unsettled = self._unsettled, []
         for alias, rows in unsettled:
             try:
@@ -480,6 +553,10 @@ class Relay:
         self.sender.reset()
 
     def _shutdown(self) -> None:
+        try:
+            self._stop_background()
+        except Exception:
+            logger.exception("relay %s: stopping its database thread failed", self.holder)
         self.close()
         if self.waiter is not None:
             self.waiter.close()
