@@ -302,7 +302,8 @@ def test_loop__a_batch_not_full_is_marked_after_a_pause__a_stopped_relay_marks_a
 ) -> None:
     """In its loop the relay marks a batch that was not full a few milliseconds after publishing
     it, so a worker it runs in takes the task up without waiting for the mark (a full batch, a
-    backlog, is marked at once). Whatever it published is marked before it stops."""
+    backlog, is marked on the relay's database thread: see the next test). Whatever it
+    published is marked before it stops."""
     from aftercommit import relay as relay_module
     from aftercommit.brokers import Sender
     from aftercommit.models import OutboxMessageQuerySet
@@ -341,3 +342,113 @@ def test_loop__a_batch_not_full_is_marked_after_a_pause__a_stopped_relay_marks_a
         more = [read_item.delay(token, None, i).id for i in range(3, 5)]
     Relay(app, aliases=["default"]).run(once=True)
     assert OutboxMessage.objects.filter(task_id__in=more, status=Status.SENT).count() == 2
+
+
+def test_loop__a_backlog_is_marked_on_the_database_thread__signals_in_order(  # type: ignore[no-untyped-def]
+    token, monkeypatch
+) -> None:
+    """Draining a backlog, the relay marks each full batch on a thread of its own (its own
+    connection) while it claims and publishes the next; the ``sent`` signals still come from
+    the relay's thread, once a message, in order, and the thread is gone when the relay stops."""
+    from aftercommit import signals
+    from aftercommit.models import OutboxMessageQuerySet
+
+    marks: list[tuple[str, int]] = []
+    mark = OutboxMessageQuerySet.mark_sent
+
+    def recorded_mark(self, ids):  # type: ignore[no-untyped-def]
+        marks.append((threading.current_thread().name, len(ids)))
+        return mark(self, ids)
+
+    monkeypatch.setattr(OutboxMessageQuerySet, "mark_sent", recorded_mark)
+    heard: list[tuple[str, str]] = []
+
+    def on_sent(message, **kwargs):  # type: ignore[no-untyped-def]
+        heard.append((message.task_id, threading.current_thread().name))
+
+    signals.sent.connect(on_sent)
+    try:
+        with transaction.atomic():
+            ids = [read_item.delay(token, None, i).id for i in range(23)]
+        Relay(app, aliases=["default"], batch_size=5).run(once=True)
+    finally:
+        signals.sent.disconnect(on_sent)
+    assert OutboxMessage.objects.filter(task_id__in=ids, status=Status.SENT).count() == 23
+    # Four full batches on the database thread, the last (3) on the relay's own. SQLite has one
+    # writer at a time: all on the relay's own.
+    apart = connection.features.has_select_for_update_skip_locked
+    assert [(name.startswith("aftercommit-relay-db"), n) for name, n in marks] == [
+        (apart, 5), (apart, 5), (apart, 5), (apart, 5), (False, 3),
+    ]  # fmt: skip
+    assert [task_id for task_id, _ in heard] == ids
+    assert {name for _, name in heard} == {threading.current_thread().name}
+    assert not [t for t in threading.enumerate() if t.name.startswith("aftercommit-relay-db")]
+    wait_for(lambda: sorted(delivered(token)) == sorted(ids))
+
+
+def test_loop__a_backlog_mark_that_fails__rows_sent_again_after_the_lease(  # type: ignore[no-untyped-def]
+    token, settings, monkeypatch, caplog
+) -> None:
+    """A full batch's mark that cannot be written (the database thread's connection is gone
+    past the lease) is reported; its rows were published, stay pending, and are sent again
+    once the lease is over: at least once, never lost."""
+    from django.db import OperationalError
+
+    from aftercommit.models import OutboxMessageQuerySet
+
+    settings.AFTERCOMMIT = {**settings.AFTERCOMMIT, "LEASE": 1.0}
+    mark = OutboxMessageQuerySet.mark_sent
+
+    def failing_on_the_database_thread(self, ids):  # type: ignore[no-untyped-def]
+        if threading.current_thread().name.startswith("aftercommit-relay-db"):
+            raise OperationalError("the server closed the connection")
+        return mark(self, ids)
+
+    if not connection.features.has_select_for_update_skip_locked:
+        pytest.skip("SQLite marks every batch on the relay's own thread")
+    monkeypatch.setattr(OutboxMessageQuerySet, "mark_sent", failing_on_the_database_thread)
+    with transaction.atomic():
+        ids = [read_item.delay(token, None, i).id for i in range(4)]
+    Relay(app, aliases=["default"], batch_size=2).run(once=True)
+    assert "they will be sent again" in caplog.text
+    assert OutboxMessage.objects.filter(task_id__in=ids, status=Status.PENDING).count() == 4
+    monkeypatch.setattr(OutboxMessageQuerySet, "mark_sent", mark)
+    time.sleep(1.1)  # the lease
+    Relay(app, aliases=["default"], batch_size=10).run(once=True)
+    assert OutboxMessage.objects.filter(task_id__in=ids, status=Status.SENT).count() == 4
+    wait_for(lambda: set(delivered(token)) == set(ids) and min(delivered(token).values()) == 2)
+
+
+@pytest.mark.parametrize(
+    "database_time_zone, use_tz", [(None, True), ("America/Sao_Paulo", True), (None, False)]
+)
+def test_claim__rows_as_django_loads_them(token, settings, database_time_zone, use_tz) -> None:  # type: ignore[no-untyped-def]
+    """The claim loads its rows' timestamps with the database driver's own loader where it can
+    (psycopg 3's, in C), not Django's: the values, and their tzinfo (none without USE_TZ), are
+    what the ORM gives, whatever time zone the connection has."""
+    settings.USE_TZ = use_tz
+    connection.close()
+    saved = connection.settings_dict.get("TIME_ZONE")
+    connection.settings_dict["TIME_ZONE"] = database_time_zone
+    for cached in ("timezone", "timezone_name"):
+        connection.__dict__.pop(cached, None)
+    try:
+        with transaction.atomic():
+            read_item.delay(token, None, 1)
+        OutboxMessage.objects.update(sent_at=timezone.now())  # a timestamp that is not null
+        (claimed,) = OutboxMessage.objects.claim(limit=5, lease=60)
+        loaded = OutboxMessage.objects.get(pk=claimed.pk)
+        for field in OutboxMessage._meta.concrete_fields:
+            mine, django = getattr(claimed, field.attname), getattr(loaded, field.attname)
+            if field.name != "due_at":  # (the claim's new one on PostgreSQL, elsewhere the old)
+                assert mine == django, field.name
+            assert getattr(mine, "tzinfo", None) is getattr(django, "tzinfo", None), field.name
+        assert claimed.claimed_at.tzinfo is loaded.due_at.tzinfo
+        assert abs(claimed.claimed_at + dt.timedelta(seconds=60) - loaded.due_at) < dt.timedelta(
+            seconds=1
+        )
+    finally:
+        connection.close()
+        connection.settings_dict["TIME_ZONE"] = saved
+        for cached in ("timezone", "timezone_name"):
+            connection.__dict__.pop(cached, None)

@@ -16,6 +16,7 @@ import base64
 import contextlib
 import datetime as dt
 import inspect
+import json
 import math
 import numbers
 import os
@@ -194,12 +195,34 @@ def decode_arguments(
             f"{', '.join(sorted(accept))} (AFTERCOMMIT never decodes pickle)"
         )
     try:
-        args, kwargs = serialization.loads(
-            data, message.content_type, message.content_encoding, accept=accept
-        )
+        args, kwargs = _loads(data, message.content_type, message.content_encoding, accept)
         return list(args), dict(kwargs)
     except (ValueError, TypeError) as exc:  # not an (args, kwargs) pair
         raise DecodeError(f"the stored arguments are not (args, kwargs): {exc}") from exc
+
+
+_PLAIN_JSON = json.JSONDecoder()
+
+
+def _loads(data: str | bytes, content_type: str, content_encoding: str, accept: Any) -> Any:
+    """kombu's ``loads``. Its JSON decoder looks at every object for a ``__type__`` marker
+    (kombu's encoding of dates, UUIDs, bytes...); a text without one, and without ``\\u``
+    escapes that could spell one, decodes to the same values with the plain C decoder, at a
+    fraction of the cost (the relay decodes every row it sends)."""
+    if (
+        content_type == "application/json"
+        and content_encoding == "utf-8"
+        and type(data) is str
+        and data
+        and "__type__" not in data
+        and "\\u" not in data
+        and serialization.registry._decoders.get(content_type) is kombu_json.loads
+    ):
+        try:
+            return _PLAIN_JSON.decode(data)
+        except ValueError as exc:  # as kombu reports it
+            raise DecodeError(exc) from exc
+    return serialization.loads(data, content_type, content_encoding, accept=accept)
 
 
 def encode_options(task_name: str, options: dict[str, Any]) -> str:
@@ -213,7 +236,11 @@ def encode_options(task_name: str, options: dict[str, Any]) -> str:
 
 
 def decode_options(message: OutboxMessage) -> dict[str, Any]:
-    options: dict[str, Any] = kombu_json.loads(message.options)
+    return decode_options_text(message.options)
+
+
+def decode_options_text(text: str) -> dict[str, Any]:
+    options: dict[str, Any] = kombu_json.loads(text)
     return options
 
 
