@@ -29,10 +29,17 @@ from tests.support import wait_for as wait_for
 
 
 @pytest.fixture(scope="session")
-def services(django_db_blocker) -> None:  # type: ignore[no-untyped-def]
+def services(request, django_db_blocker) -> None:  # type: ignore[no-untyped-def]
     problem = broker_reachable()
     if problem:
         unavailable(problem)
+    # The test databases first: the settings' own database need not exist (PostgreSQL +
+    # RabbitMQ's test_rabbitmq never does), only the server, which creates them.
+    try:
+        request.getfixturevalue("django_db_setup")
+    except Exception as exc:
+        db = settings.DATABASES["default"]
+        unavailable(f"database {db['ENGINE']} {db.get('HOST', '')} unreachable ({exc})")
     with django_db_blocker.unblock():
         try:
             connections["default"].ensure_connection()
