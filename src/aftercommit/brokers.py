@@ -301,10 +301,10 @@ class Sender:
             by_tag: dict[int, Outgoing] = {}
             first = self._tags + 1
             try:
-                for item in chunk:
-                    before = len(published)
-                    self._publish_each(producer, [item], outcome, published)
-                    if len(published) > before:
+                try:
+                    self._publish_each(producer, chunk, outcome, published)
+                finally:  # each publish that went out took the channel's next delivery tag
+                    for item in published:
                         self._tags += 1
                         by_tag[self._tags] = item
                 self._await(channel, range(first, self._tags + 1), answers)
