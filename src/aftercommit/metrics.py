@@ -55,21 +55,28 @@ def install(registry: Any = None) -> bool:
         registry=registry,
     )
 
+    # One child a label value, looked up once: labels() validates and locks on every call, and
+    # recorded / sent are counted once a dispatch / a message. (Task names and replicas are few.)
+    recorded_by, sent_by, retried_by, dead_by, fallbacks_by = (
+        _children(recorded), _children(sent), _children(retried), _children(dead),
+        _children(fallbacks),
+    )  # fmt: skip
+
     def on_recorded(message: Any, **kwargs: Any) -> None:
-        recorded.labels(message.task_name).inc()
+        recorded_by(message.task_name).inc()
 
     def on_sent(message: Any, latency: float, **kwargs: Any) -> None:
-        sent.labels(message.task_name).inc()
+        sent_by(message.task_name).inc()
         latency_histogram.observe(max(latency, 0.0))
 
     def on_retried(message: Any, **kwargs: Any) -> None:
-        retried.labels(message.task_name).inc()
+        retried_by(message.task_name).inc()
 
     def on_dead(message: Any, **kwargs: Any) -> None:
-        dead.labels(message.task_name).inc()
+        dead_by(message.task_name).inc()
 
     def on_replica_fallback(replica: str, **kwargs: Any) -> None:
-        fallbacks.labels(replica).inc()
+        fallbacks_by(replica).inc()
 
     for signal, receiver in (
         (signals.replica_fallback, on_replica_fallback),
@@ -83,6 +90,19 @@ def install(registry: Any = None) -> bool:
     registry.register(BacklogCollector())
     _installed.add(id(registry))
     return True
+
+
+def _children(metric: Any) -> Any:
+    """``metric.labels(value)``, kept per value."""
+    children: dict[str, Any] = {}
+
+    def child(value: str) -> Any:
+        found = children.get(value)
+        if found is None:
+            found = children[value] = metric.labels(value)
+        return found
+
+    return child
 
 
 class BacklogCollector:

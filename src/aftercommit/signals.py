@@ -15,6 +15,7 @@ A receiver that raises is logged and ignored (``send_robust``): observing must n
 from __future__ import annotations
 
 import logging
+from functools import cache
 from typing import Any
 
 from django.dispatch import Signal
@@ -28,12 +29,18 @@ dead = Signal()
 replica_fallback = Signal()
 
 
-def send(signal: Signal, **kwargs: Any) -> None:
-    """Send without ever raising; the cost is one attribute check when nothing listens."""
-    if not signal.has_listeners():
-        return
-    from .models import OutboxMessage
+@cache
+def _sender() -> Any:
+    from .models import OutboxMessage  # (this module is imported before the models can be)
 
-    for receiver, result in signal.send_robust(OutboxMessage, **kwargs):
+    return OutboxMessage
+
+
+def send(signal: Signal, **kwargs: Any) -> None:
+    """Send without ever raising; the cost is one attribute check when nothing listens (Django's
+    own, in ``send_robust``: ``has_listeners()`` would look the receivers up a second time)."""
+    if not signal.receivers:
+        return
+    for receiver, result in signal.send_robust(_sender(), **kwargs):
         if isinstance(result, Exception):
             logger.error("signal receiver %r failed: %r", receiver, result)
