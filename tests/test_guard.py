@@ -205,3 +205,27 @@ def _line() -> int:
     import sys
 
     return sys._getframe(1).f_lineno
+
+
+def test_relay_publishes_past_the_guard_only__another_wrapper_stays() -> None:
+    """The relay's publishes are exempt, so it calls Celery's sender without the guard's
+    wrapper; a wrapper someone put around the guard's (a tracer's) is still called."""
+    import functools
+
+    from aftercommit import guard as guard_module
+    from tests.celery_app import app
+
+    amqp = app.amqp
+    guarded = amqp.send_task_message
+    assert guard_module.unguarded(amqp) is amqp._aftercommit_guard[1]
+    assert guard_module.unguarded(amqp) is not guarded
+
+    @functools.wraps(guarded)  # copies the guard wrapper's attributes: identity decides
+    def tracer(*args, **kwargs):  # type: ignore[no-untyped-def]
+        return guarded(*args, **kwargs)
+
+    amqp.send_task_message = tracer
+    try:
+        assert guard_module.unguarded(amqp) is tracer
+    finally:
+        amqp.send_task_message = guarded

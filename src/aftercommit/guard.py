@@ -209,7 +209,18 @@ def install(app: Any) -> None:
         return original(producer, name, message, *args, **kwargs)
 
     amqp.send_task_message = send_task_message
+    amqp._aftercommit_guard = (send_task_message, original)
     setattr(amqp, _INSTALLED, True)
+
+
+def unguarded(amqp: Any) -> Callable[..., Any]:
+    """``amqp.send_task_message`` without the guard's check, for publishes that are exempt
+    anyway (the relay's). Only the guard's own wrapper is left out: another library's wrapper
+    around it (a tracer's) is what is returned."""
+    send: Callable[..., Any] = amqp.send_task_message
+    wrapper, original = getattr(amqp, "_aftercommit_guard", (None, send))
+    unwrapped: Callable[..., Any] = original if send is wrapper else send
+    return unwrapped  # (by identity: functools.wraps copies a wrapper's attributes)
 
 
 def install_all() -> None:
