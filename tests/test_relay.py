@@ -452,3 +452,43 @@ def test_claim__rows_as_django_loads_them(token, settings, database_time_zone, u
         connection.settings_dict["TIME_ZONE"] = saved
         for cached in ("timezone", "timezone_name"):
             connection.__dict__.pop(cached, None)
+
+
+def test_migration_0006__partial_indexes_on_postgresql__and_back() -> None:
+    """PostgreSQL's outbox indexes leave out what no query asks them for (sent rows from the
+    claim index, rows without a sent_at or a debounce key from theirs); migrating back restores
+    the full ones. The claim still reads the claim index."""
+    if connection.vendor != "postgresql":
+        pytest.skip("partial indexes are PostgreSQL's (MariaDB has none; SQLite keeps it simple)")
+
+    def definitions() -> dict[str, str]:
+        with connection.cursor() as cursor:
+            cursor.execute(
+                "SELECT indexname, indexdef FROM pg_indexes WHERE tablename = %s",
+                [OutboxMessage._meta.db_table],
+            )
+            return {name: definition for name, definition in cursor.fetchall()}
+
+    partial = definitions()
+    assert partial["aftercommit_claim"].endswith("(status, due_at, id) WHERE (status <> 1)")
+    assert partial["aftercommit_sent_at"].endswith("(sent_at) WHERE (sent_at IS NOT NULL)")
+    assert partial["aftercommit_debounce"].endswith(
+        "(debounce_key, id) WHERE (debounce_key IS NOT NULL)"
+    )
+    call_command("migrate", "aftercommit", "0005", verbosity=0)
+    try:
+        full = definitions()
+        assert full["aftercommit_claim"].endswith("(status, due_at, id)")
+        assert "WHERE" not in " ".join(full.values())
+    finally:
+        call_command("migrate", "aftercommit", verbosity=0)
+    assert definitions() == partial
+    with connection.cursor() as cursor:
+        cursor.execute("SET enable_bitmapscan TO off")
+        cursor.execute(
+            "EXPLAIN SELECT id FROM aftercommit_outboxmessage WHERE status = 0 "
+            "AND due_at <= now() ORDER BY due_at, id LIMIT 500 FOR UPDATE SKIP LOCKED"
+        )
+        plan = " ".join(row[0] for row in cursor.fetchall())
+        cursor.execute("RESET enable_bitmapscan")
+    assert "aftercommit_claim" in plan
