@@ -56,6 +56,9 @@ def test_interrupted__running_jobs_stopped_queued_ones_never_start(tmp_path: Pat
     sleeper = "import time\ntime.sleep(60)"
     jobs = [_job(tmp_path, name, sleeper) for name in ("a", "b", "c")]
     # A SIGINT to this process alone (not to its children's group): the runner passes it on.
+    # Python's own handler, whatever this process inherited: a shell's background job (how a CI
+    # may start the suite) begins with SIGINT ignored, and then no Ctrl-C reaches Python at all.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     timer = threading.Timer(1.5, os.kill, (os.getpid(), signal.SIGINT))
     timer.start()
     started = time.monotonic()
@@ -63,6 +66,7 @@ def test_interrupted__running_jobs_stopped_queued_ones_never_start(tmp_path: Pat
         done, interrupted = matrix.run_jobs(jobs, 2)
     finally:
         timer.cancel()
+        signal.signal(signal.SIGINT, previous)
     assert interrupted
     assert time.monotonic() - started < 20  # not the 60 s the jobs would sleep, nor c's turn
     assert set(done) == {"a", "b"}  # c was queued: it never started
