@@ -282,8 +282,7 @@ class Relay:
         outcome = self.sender.send(items)
         sent = [item.row for item in outcome.sent]
         if in_loop and claimed >= limit and skip_locked:  # (SQLite has one writer at a time)
-            marking = self._in_background(alias, self._mark, alias, sent)
-            self._marking.append((alias, sent, marking))
+            self._marking.append((alias, sent, self._mark_on_database_thread(alias, sent)))
         elif in_loop:
             self._unsettled.append((alias, sent))
         else:
@@ -325,20 +324,20 @@ class Relay:
 
     # The database thread (a backlog's marks) -------------------------------------------------
 
-    def _in_background(self, alias: str, work: Callable[..., T], *args: Any) -> Future[T]:
-        """Run ``work`` on the relay's database thread, on that thread's own connection to
-        ``alias``; one thing at a time, in the order given."""
+    def _mark_on_database_thread(self, alias: str, rows: list[OutboxMessage]) -> Future[int]:
+        """Mark ``rows`` on the relay's database thread, on that thread's own connection to
+        ``alias``; one batch at a time, in order."""
         if self._db is None:
             self._db = ThreadPoolExecutor(max_workers=1, thread_name_prefix="aftercommit-relay-db")
 
-        def run() -> T:
+        def mark() -> int:
             try:
-                return work(*args)
+                return self._mark(alias, rows)
             except Exception:
                 connections[alias].close()  # this thread's connection: a fresh one next time
                 raise
 
-        return self._db.submit(run)
+        return self._db.submit(mark)
 
     def _collect_marks(self, *, wait: bool) -> None:
         """Send the ``sent`` signals of the batches the database thread has marked, in order
@@ -351,12 +350,7 @@ class Relay:
             try:
                 marking.result()
             except Exception:
-                logger.exception(
-                    "relay %s: marking %d sent message(s) on %r failed; they will be sent again",
-                    self.holder,
-                    len(rows),
-                    alias,
-                )
+                self._log_mark_failed(alias, rows)
             else:
                 self._signal_sent(alias, rows)
 
@@ -393,13 +387,16 @@ class Relay:
             try:
                 self._mark_sent(alias, rows)
             except Exception:
-                logger.exception(
-                    "relay %s: marking %d sent message(s) on %r failed; they will be sent again",
-                    self.holder,
-                    len(rows),
-                    alias,
-                )
+                self._log_mark_failed(alias, rows)
                 connections[alias].close()
+
+    def _log_mark_failed(self, alias: str, rows: list[OutboxMessage]) -> None:
+        logger.exception(
+            "relay %s: marking %d sent message(s) on %r failed; they will be sent again",
+            self.holder,
+            len(rows),
+            alias,
+        )
 
     def _settle(self, alias: str, write: Callable[[], T]) -> T:
         """A write after a publish, tried again on a fresh connection until it succeeds or the
