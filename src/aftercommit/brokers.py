@@ -13,6 +13,10 @@ What can go wrong, and whose it is:
   outage; the rest of its chunk is sent;
 - one message cannot go (it cannot be built, or AMQP closes the channel over it: an exchange that
   does not exist, access refused): that message's failure, retried with backoff, then a dead letter;
+  an exchange named in a message's options is looked up (a passive declare, on a channel of its
+  own) before the chunk goes, once a connection: when the channel closes over a publish, RabbitMQ
+  has routed the publishes before it but need not have confirmed them yet (a persistent message
+  to a durable queue is confirmed once written), so sending them again would duplicate them;
 - the setup is wrong (a transport that cannot load, a client library too old): a setup error,
   reported loudly by the relay, status, the health view and the system check.
 """
@@ -117,6 +121,8 @@ class Sender:
         self.events: _EventsApart | None = None
         self._tags = 0  # AMQP: publishes on the current confirmed channel, i.e. its last tag
         self._bound: dict[tuple[int, str], Queue] = {}
+        self._exchanges: set[str] = set()  # AMQP: exchanges known to exist on this connection
+        self._lookup: Any = None  # AMQP: the channel that looks them up
         from kombu.exceptions import OperationalError
 
         # Widened with the transport's own error classes when the connection opens.
@@ -162,6 +168,8 @@ class Sender:
     def reset(self, *, broken: bool = False) -> None:
         connection, self.connection, self.producer = self.connection, None, None
         self._bound.clear()
+        self._exchanges.clear()
+        self._lookup = None
         events, self.events = self.events, None
         self._tags = 0
         if events is not None:
@@ -302,6 +310,7 @@ class Sender:
     # AMQP publisher confirms ----------------------------------------------------------------
 
     def _send_confirmed(self, producer: Any, chunk: list[Outgoing], outcome: Outcome) -> None:
+        chunk = self._without_missing_exchanges(chunk, outcome)
         channel = producer.channel
         with self._confirms(channel) as answers:
             published: list[Outgoing] = []
@@ -323,6 +332,39 @@ class Sender:
         if refused:
             raise _Refused(taken, refused)
         outcome.sent.extend(taken)
+
+    def _without_missing_exchanges(self, chunk: list[Outgoing], outcome: Outcome) -> list[Outgoing]:
+        """``chunk`` less the messages to an exchange that does not exist (each one failed).
+
+        Found before publishing, so the channel that carries the chunk is never closed over one:
+        after such a close, the publishes before it are routed but may be unconfirmed, and would
+        go twice. Each exchange is looked up once a connection; one deleted since is still caught
+        by the channel's close (at least once, then)."""
+        names = {_exchange(item) for item in chunk} - self._exchanges - {""}
+        if not names:
+            return chunk
+        missing: dict[str, BaseException] = {}
+        for name in sorted(names):
+            if self._lookup is None:
+                assert self.connection is not None
+                self._lookup = self.connection.channel()
+            try:
+                self._lookup.exchange_declare(name, "direct", passive=True)
+            except self.channel_errors as exc:  # NOT_FOUND (or ACCESS_REFUSED): closed over it
+                missing[name] = exc
+                self._lookup = None
+            else:
+                self._exchanges.add(name)
+        if not missing:
+            return chunk
+        kept = []
+        for item in chunk:
+            error = missing.get(_exchange(item))
+            if error is None:
+                kept.append(item)
+            else:
+                outcome.failed.append((item, error))
+        return kept
 
     @contextmanager
     def _confirms(self, channel: Any) -> Iterator[dict[int, bool]]:
@@ -379,6 +421,12 @@ class Sender:
                 outcome.broker_error = exc
                 outcome.unsent.extend(items[index:])
                 return
+
+
+def _exchange(item: Outgoing) -> str:
+    """The exchange a message's options name, or ``""`` (its queue's, which Celery declares)."""
+    exchange = item.options.get("exchange")
+    return str(getattr(exchange, "name", exchange) or "")
 
 
 def _failed(outcome: Outcome, item: Outgoing) -> bool:
