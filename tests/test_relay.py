@@ -419,6 +419,58 @@ def test_loop__a_backlog_mark_that_fails__rows_sent_again_after_the_lease(  # ty
     wait_for(lambda: set(delivered(token)) == set(ids) and min(delivered(token).values()) == 2)
 
 
+@pytest.mark.parametrize("ahead", ["bounded", "unbounded"])
+def test_loop__a_mark_that_waits_holds_the_relay_back(token, monkeypatch, ahead) -> None:  # type: ignore[no-untyped-def]
+    """A backlog's mark that waits (a row lock, a slow database) holds the relay back: at most two
+    batches are published and not marked, which is all a crash then sends again. Unbounded (the
+    unsafe way, run once to show it), the relay goes on and publishes the whole backlog."""
+    from aftercommit import relay as relay_module
+    from aftercommit.brokers import Sender
+    from aftercommit.models import OutboxMessageQuerySet
+
+    if not connection.features.has_select_for_update_skip_locked:
+        pytest.skip("SQLite marks every batch on the relay's own thread")
+    if ahead == "unbounded":
+        monkeypatch.setattr(relay_module, "MARKS_AHEAD", 1000)
+    release = threading.Event()
+    mark = OutboxMessageQuerySet.mark_sent
+
+    def held_mark(self, ids):  # type: ignore[no-untyped-def]
+        if threading.current_thread().name.startswith("aftercommit-relay-db"):
+            release.wait(30)
+        return mark(self, ids)
+
+    published: list[object] = []
+    send = Sender.send
+
+    def counted_send(self, items):  # type: ignore[no-untyped-def]
+        outcome = send(self, items)
+        published.extend(outcome.sent)
+        return outcome
+
+    monkeypatch.setattr(OutboxMessageQuerySet, "mark_sent", held_mark)
+    monkeypatch.setattr(Sender, "send", counted_send)
+    with transaction.atomic():
+        ids = [read_item.delay(token, None, i).id for i in range(50)]
+    relay = Relay(app, aliases=["default"], batch_size=5)
+    thread = threading.Thread(target=relay.run, kwargs={"once": True})
+    thread.start()
+    try:
+        wait_for(lambda: len(published) >= 10, timeout=30)
+        time.sleep(0.5)  # as far as it goes while the first mark waits
+        out = len(published)
+    finally:
+        release.set()
+        thread.join(30)
+    if ahead == "bounded":
+        assert out == 10  # the batch being marked, and the one after it
+    else:
+        assert out == 50
+    assert OutboxMessage.objects.filter(task_id__in=ids, status=Status.SENT).count() == 50
+    wait_for(lambda: set(delivered(token)) == set(ids))
+    assert max(delivered(token).values()) == 1
+
+
 @pytest.mark.parametrize(
     "database_time_zone, use_tz", [(None, True), ("America/Sao_Paulo", True), (None, False)]
 )

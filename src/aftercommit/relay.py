@@ -44,6 +44,10 @@ PURGE_STEP_EVERY = 1.0
 #: Seconds the relay in the loop waits before marking a batch that was not full as sent (see
 #: ``Relay.run``), unless something wakes it sooner.
 SETTLE_DELAY = 0.005
+#: A backlog's batches being marked on the relay's database thread at once. With one, a batch is
+#: marked while the next is claimed, built and published: at most two batches are out and not
+#: marked, which bounds what a crash sends again.
+MARKS_AHEAD = 1
 T = TypeVar("T")
 
 
@@ -282,6 +286,10 @@ class Relay:
         outcome = self.sender.send(items)
         sent = [item.row for item in outcome.sent]
         if in_loop and claimed >= limit and skip_locked:  # (SQLite has one writer at a time)
+            # The batch before this one was marked while this one was claimed, built and sent;
+            # no further: published and not marked is what a crash sends again, and a mark that
+            # waits (a lock, a slow database) must hold the relay back, not let it run ahead.
+            self._collect_marks(wait=True, keep=MARKS_AHEAD - 1)
             self._marking.append((alias, sent, self._mark_on_database_thread(alias, sent)))
         elif in_loop:
             self._unsettled.append((alias, sent))
@@ -339,10 +347,11 @@ class Relay:
 
         return self._db.submit(mark)
 
-    def _collect_marks(self, *, wait: bool) -> None:
+    def _collect_marks(self, *, wait: bool, keep: int = 0) -> None:
         """Send the ``sent`` signals of the batches the database thread has marked, in order
-        (with ``wait``, of all of them). A mark that failed leaves its rows to be sent again."""
-        while self._marking:
+        (with ``wait``, of all of them but the last ``keep``). A mark that failed leaves its rows
+        to be sent again."""
+        while len(self._marking) > keep:
             alias, rows, marking = self._marking[0]
             if not wait and not marking.done():
                 return
