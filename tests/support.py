@@ -248,3 +248,33 @@ class Process:
 def relay_argv(*args: str) -> list[str]:
     """``manage.py aftercommit relay`` with ``args``, for the ``spawn`` fixture."""
     return [sys.executable, "-m", "django", "aftercommit", "relay", *args]
+
+
+def kill_between_publish_and_mark(process: Process, app_name: str) -> list[str]:
+    """SIGKILL a sending process (a relay, a relaying worker) after it published a batch and
+    before it marked it: where a crash makes duplicates. A random moment rarely lands there
+    (a batch is built and published in milliseconds), so the claimed rows are locked: the process
+    publishes them and waits at its mark. Once the worker ran one of them, the process is killed
+    and its database sessions (``application_name``) cut, so a mark it already sent never runs.
+    Returns the batch's task ids; they are due again when the killed process's lease ends."""
+    from django.db import transaction
+    from django.db.models.functions import Now
+
+    from aftercommit.models import OutboxMessage, Status
+    from tests.testapp.models import TaskRun
+
+    # Claimed, not marked: the claim moved due_at to the end of its lease.
+    in_flight = OutboxMessage.objects.filter(status=Status.PENDING, due_at__gt=Now())
+    wait_for(in_flight.exists, timeout=60, interval=0.005)
+    with transaction.atomic():
+        batch = list(in_flight.select_for_update().values_list("task_id", flat=True))
+        wait_for(TaskRun.objects.filter(task_id__in=batch).exists, timeout=60)
+        process.signal(signal.SIGKILL)
+        process.proc.wait(10)
+        with connections["default"].cursor() as cursor:
+            cursor.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                "WHERE application_name = %s",
+                [app_name],
+            )
+    return batch

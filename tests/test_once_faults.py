@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import sys
 import time
 from collections import Counter
@@ -18,10 +17,10 @@ from collections.abc import Callable, Iterator
 import pytest
 from django.conf import settings as django_settings
 from django.db import connections, transaction
-from django.db.models.functions import Now
 
 from aftercommit.models import OutboxMessage, Status
 from tests.conftest import FAULT_ROWS, Broker, Process, _subprocess_env, wait_for
+from tests.support import kill_between_publish_and_mark
 from tests.testapp.models import Item, TaskRun
 from tests.testapp.tasks import once_effect
 
@@ -71,9 +70,6 @@ def test_relay_killed_mid_batch_with_once__duplicate_deliveries_no_duplicate_eff
 ) -> None:
     with transaction.atomic():
         ids = {once_effect.delay(token, i).id for i in range(BACKLOG)}
-    started = time.monotonic()
-    # Claimed by a relay, not marked yet: the claim moved due_at to the end of its lease.
-    in_flight = OutboxMessage.objects.filter(status=Status.PENDING, due_at__gt=Now())
     for n in range(KILLS):
         name = f"once-relay-{n}-{os.getpid()}"
         relay = spawn(
@@ -82,23 +78,8 @@ def test_relay_killed_mid_batch_with_once__duplicate_deliveries_no_duplicate_eff
             AFTERCOMMIT_TEST_SETTINGS=SHORT_LEASE,
             AFTERCOMMIT_TEST_APP_NAME=name,
         )
-        # Kill between a batch's publish and its mark: where a relay's crash makes duplicates. A
-        # random moment rarely lands there (building a batch takes most of its time; Redis takes
-        # it in one pipelined write), so the relay's claimed rows are locked: it publishes them
-        # and waits at its mark. Once the worker shows the batch arrived, the relay is killed and
-        # its connections cut, so the mark it had already sent never runs.
-        wait_for(in_flight.exists, timeout=60, interval=0.005)
-        with transaction.atomic():
-            batch = list(in_flight.select_for_update().values_list("task_id", flat=True))
-            wait_for(TaskRun.objects.filter(task_id__in=batch).exists, timeout=60)
-            relay.signal(signal.SIGKILL)
-            relay.proc.wait(10)
-            with connections["default"].cursor() as cursor:
-                cursor.execute(
-                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                    "WHERE application_name = %s",
-                    [name],
-                )
+        kill_between_publish_and_mark(relay, name)
+        started = time.monotonic()  # the fault's end is the last kill
         time.sleep(LEASE + 0.5)  # the killed relay's claims are due again: in_flight is empty
     spawn("relay-last", relay_argv(), AFTERCOMMIT_TEST_SETTINGS=SHORT_LEASE)
     pending = OutboxMessage.objects.filter(task_id__in=ids, status=Status.PENDING)
