@@ -273,7 +273,8 @@ def kill_between_publish_and_mark(process: Process, app_name: str) -> list[str]:
         process.proc.wait(10)
         with connections["default"].cursor() as cursor:
             cursor.execute(
-                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                # (waits up to 5 s for each session to end, before this transaction's locks go)
+                "SELECT pg_terminate_backend(pid, 5000) FROM pg_stat_activity "
                 "WHERE application_name = %s",
                 [app_name],
             )

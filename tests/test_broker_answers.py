@@ -114,14 +114,34 @@ def test_one_message_to_a_missing_exchange__others_sent_once_it_becomes_a_dead_l
     assert (row.status, row.attempts) == (Status.PENDING, 1)
     assert "no-such-exchange" in row.last_error
 
+    lookup = relay.sender._lookup  # the channel that looked the exchange up, closed over it
     for _ in range(2):
         make_due()
         assert relay.run_batch("default") == 1  # only the bad one is claimed again
     row.refresh_from_db()
     assert (row.status, row.attempts) == (Status.DEAD, 3)
+    assert relay.sender._lookup is lookup and lookup.is_open  # reopened by py-amqp, reused
     make_due()
     assert relay.run_batch("default") == 0
     assert queued(name) == len(good)  # the good ones, once each
+
+
+def test_an_exchange_the_message_s_queue_declares__created_by_the_publish(token, relay) -> None:  # type: ignore[no-untyped-def]
+    # A queue Celery creates on first use, and the message names its exchange: the publish
+    # declares that exchange with the queue (as plain Celery's does), so the exchange is not
+    # looked up beforehand, where it does not exist yet.
+    name = f"aftercommit-declares-{uuid.uuid4().hex[:8]}"
+    task_id = read_item.apply_async((token,), queue=name, exchange=name, routing_key=name).id
+    try:
+        make_due()
+        assert relay.run_batch("default") == 1
+        row = OutboxMessage.objects.get(task_id=task_id)
+        assert (row.status, row.attempts) == (Status.SENT, 0)
+        assert queued(name) == 1
+    finally:
+        with app.connection_for_write() as conn:
+            conn.default_channel.queue_delete(name)
+            conn.default_channel.exchange_delete(name)
 
 
 def test_unsafe_way__the_channel_closed_over_a_missing_exchange_duplicates_what_went_before(  # type: ignore[no-untyped-def]

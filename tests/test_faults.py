@@ -5,8 +5,8 @@ conftest prints at the end of the run (and appends as markdown to AFTERCOMMIT_FA
 AFTERCOMMIT_FAULTS=long runs the sizes the issue asks for; the default short form runs in CI.
 "Time to recover" runs from the end of the fault (the last kill; the broker or the database back)
 until every message was sent (the outbox says so); where the fault lasts the whole run (a cut on
-every batch, relays racing), from the start. The worker's own speed at running them is not part of
-it.
+every batch), from its start; for relays racing writers, from the last writer's commit. The
+worker's own speed at running them is not part of it.
 """
 
 from __future__ import annotations
@@ -165,6 +165,7 @@ def test_broker_down_during_saves__nothing_lost_no_attempts_used(token, broker, 
 def test_relay_killed_mid_batch__nothing_lost_duplicates_counted(token, settings, spawn) -> None:  # type: ignore[no-untyped-def]
     with transaction.atomic():
         ids = {read_item.delay(token, None, i).id for i in range(SIZE["relay_backlog"])}
+    started = time.monotonic()
     for n in range(SIZE["relay_kills"]):
         name = f"aftercommit-killed-{n}-{os.getpid()}"
         relay = spawn(
@@ -230,6 +231,7 @@ def test_relaying_worker_killed_mid_batch__nothing_lost_duplicates_counted(token
     relaying = json.dumps({"LEASE": 2, "BATCH_SIZE": 50, "RELAY_IN_WORKER": True})
     with transaction.atomic():
         ids = {read_item.delay(token, None, i).id for i in range(SIZE["relay_backlog"])}
+    started = time.monotonic()
     for n in range(SIZE["relay_kills"]):
         name = f"aftercommit-killed-worker-{n}-{os.getpid()}"
         doomed = spawn(

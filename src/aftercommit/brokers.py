@@ -32,7 +32,7 @@ from itertools import groupby
 from typing import Any
 
 from celery import Celery
-from kombu import Connection, Queue
+from kombu import Connection, Exchange, Queue
 from kombu.common import Broadcast
 
 from . import guard, tracing
@@ -336,35 +336,80 @@ class Sender:
     def _without_missing_exchanges(self, chunk: list[Outgoing], outcome: Outcome) -> list[Outgoing]:
         """``chunk`` less the messages to an exchange that does not exist (each one failed).
 
-        Found before publishing, so the channel that carries the chunk is never closed over one:
+        Found before publishing, so the channel that carries the chunk is not closed over one:
         after such a close, the publishes before it are routed but may be unconfirmed, and would
-        go twice. Each exchange is looked up once a connection; one deleted since is still caught
-        by the channel's close (at least once, then)."""
-        names = {_exchange(item) for item in chunk} - self._exchanges - {""}
+        go twice. An exchange the message's own declarations create (its queue's, which Celery
+        declares with the publish) is not looked up. Each exchange is looked up once a
+        connection; one deleted since, or a publish refused for another reason (write access, a
+        queue declared with other arguments), still closes the channel: at least once, then."""
+        names = {self._named_exchange(item) for item in chunk} - self._exchanges - {""}
         if not names:
             return chunk
         missing: dict[str, BaseException] = {}
         for name in sorted(names):
-            if self._lookup is None:
-                assert self.connection is not None
-                self._lookup = self.connection.channel()
             try:
-                self._lookup.exchange_declare(name, "direct", passive=True)
-            except self.channel_errors as exc:  # NOT_FOUND (or ACCESS_REFUSED): closed over it
+                self._look_up(name)
+            except self.channel_errors as exc:  # NOT_FOUND (or ACCESS_REFUSED)
                 missing[name] = exc
-                self._lookup = None
             else:
                 self._exchanges.add(name)
         if not missing:
             return chunk
         kept = []
         for item in chunk:
-            error = missing.get(_exchange(item))
+            error = missing.get(self._named_exchange(item))
             if error is None:
                 kept.append(item)
             else:
                 outcome.failed.append((item, error))
         return kept
+
+    def _look_up(self, name: str) -> None:
+        """A passive declare of exchange ``name`` on a channel of its own, waited for at most
+        ``CONFIRM_TIMEOUT`` (a half-open connection is an outage, as for the confirms). py-amqp
+        opens a channel again after the broker closed it over an error: it is kept."""
+        if self._lookup is None or not self._lookup.is_open:
+            assert self.connection is not None
+            self._lookup = self.connection.channel()
+        channel = self._lookup
+        if not hasattr(channel, "send_method"):  # not py-amqp: its own wait
+            channel.exchange_declare(name, "direct", passive=True)
+            return
+        from amqp import spec
+
+        channel.send_method(
+            spec.Exchange.Declare,
+            "BssbbbbbF",  # py-amqp's exchange_declare, with the reply waited for below
+            (0, name, "direct", True, False, False, False, False, None),
+        )
+        channel.wait(spec.Exchange.DeclareOk, timeout=CONFIRM_TIMEOUT)
+
+    def _named_exchange(self, item: Outgoing) -> str:
+        """The exchange a message's options name, unless its own declarations create it (the
+        queue Celery declares with the publish declares that queue's exchange); else ``""``."""
+        options = item.options
+        exchange = options.get("exchange")
+        if not exchange:
+            return ""
+        name = str(getattr(exchange, "name", exchange) or "")
+        declare = options.get("declare")
+        if declare is None:  # what send_task_message declares: the message's queue
+            queue = options.get("queue")
+            if isinstance(queue, str):
+                queue = self.app.amqp.queues.get(queue)
+            declare = (
+                [queue] if isinstance(queue, Queue) and not isinstance(queue, Broadcast) else []
+            )
+        for entity in declare:
+            created = entity if isinstance(entity, Exchange) else getattr(entity, "exchange", None)
+            if (
+                created is not None
+                and created.name == name
+                and not getattr(entity, "no_declare", False)
+                and not created.no_declare
+            ):
+                return ""
+        return name
 
     @contextmanager
     def _confirms(self, channel: Any) -> Iterator[dict[int, bool]]:
@@ -421,12 +466,6 @@ class Sender:
                 outcome.broker_error = exc
                 outcome.unsent.extend(items[index:])
                 return
-
-
-def _exchange(item: Outgoing) -> str:
-    """The exchange a message's options name, or ``""`` (its queue's, which Celery declares)."""
-    exchange = item.options.get("exchange")
-    return str(getattr(exchange, "name", exchange) or "")
 
 
 def _failed(outcome: Outcome, item: Outgoing) -> bool:
