@@ -69,17 +69,21 @@ def main() -> None:
     item = Item.objects.create(name="bench")
     outbox = OutboxMessage.objects.using("default")
 
+    def stored(task_id: str) -> dict[str, object]:
+        """What a dispatch of this call would store in its outbox row."""
+        return {
+            "task_id": task_id,
+            "task_name": read_item.name,
+            "payload": f'[["bench", {item.pk}, {item.version}], {{}}]',
+            "content_type": "application/json",
+            "content_encoding": "utf-8",
+            "options": '{"reply_to": "floor"}',
+            "status": Status.PENDING,
+        }
+
     def insert_only() -> None:
-        """The floor: the outbox row's INSERT, with what a dispatch of this call would store."""
-        outbox.insert(
-            task_id="request-path-floor",
-            task_name=read_item.name,
-            payload=f'[["bench", {item.pk}, {item.version}], {{}}]',
-            content_type="application/json",
-            content_encoding="utf-8",
-            options='{"reply_to": "floor"}',
-            status=Status.PENDING,
-        )
+        """The floor: the outbox row's INSERT alone."""
+        outbox.insert(**stored("request-path-floor"))
 
     connection.ensure_connection()
     raw: Any = connection.connection
@@ -90,15 +94,7 @@ def main() -> None:
         from aftercommit.models import _insert_statement
 
         statement = _insert_statement(connection)
-        row = OutboxMessage(
-            task_id="request-path-hidden",
-            task_name=read_item.name,
-            payload=f'[["bench", {item.pk}, {item.version}], {{}}]',
-            content_type="application/json",
-            content_encoding="utf-8",
-            options='{"reply_to": "floor"}',
-            status=Status.PENDING,
-        )
+        row = OutboxMessage(**stored("request-path-hidden"))
         params = [f.get_db_prep_save(getattr(row, f.attname), connection) for f in statement.fields]
         # The bare INSERT with its values written in, then the COMMIT: one simple-protocol
         # message, so one round trip for both (what a hook before Django's COMMIT could send).
