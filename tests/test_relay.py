@@ -14,7 +14,7 @@ from collections import Counter
 
 import pytest
 from django.core.management import call_command
-from django.db import connection, transaction
+from django.db import connection, connections, transaction
 from django.utils import timezone
 
 from aftercommit.models import Lease, OutboxMessage, Status
@@ -471,10 +471,163 @@ def test_loop__a_mark_that_waits_holds_the_relay_back(token, monkeypatch, ahead)
     assert max(delivered(token).values()) == 1
 
 
+def _claimed_ahead_supported() -> bool:
+    return connection.vendor == "postgresql" and connection.Database.__name__ == "psycopg"
+
+
+def _due_and_unlocked(ids: list[str]) -> int:
+    """The messages of ``ids`` another sender could claim now (due, not locked by a claim)."""
+    with transaction.atomic():
+        due = OutboxMessage.objects.due().filter(task_id__in=ids)
+        return len(due.select_for_update(skip_locked=True).values_list("id", flat=True))
+
+
+@pytest.mark.parametrize("way", ["claimed ahead", "not ahead"])
+def test_loop__a_backlog_batch_is_claimed_while_the_one_before_is_published(  # type: ignore[no-untyped-def]
+    token, monkeypatch, way
+) -> None:
+    """Draining a backlog on PostgreSQL, the relay claims the next batch while it publishes
+    this one, so the database's time hides behind the publishing. The next batch's rows are
+    held (locked) during the publish; each message still goes once. Run once the old way (no
+    claim ahead): nothing is held during the publish."""
+    from aftercommit.brokers import Sender
+    from aftercommit.models import OutboxMessageQuerySet
+
+    if not _claimed_ahead_supported():
+        pytest.skip("claims go ahead on PostgreSQL with psycopg 3 only")
+    if way == "not ahead":
+        monkeypatch.setattr(OutboxMessageQuerySet, "claim_ahead", lambda *a, **k: None)
+    with transaction.atomic():
+        ids = [read_item.delay(token, None, i).id for i in range(15)]
+    claimable: list[int] = []  # at each publish: what another sender could still claim
+    send = Sender.send
+
+    def watched_send(self, items):  # type: ignore[no-untyped-def]
+        claimable.append(_due_and_unlocked(ids))
+        return send(self, items)
+
+    monkeypatch.setattr(Sender, "send", watched_send)
+    Relay(app, aliases=["default"], batch_size=5).run(once=True)
+    if way == "claimed ahead":
+        # batch 1 out: batch 2 held; batch 2 out: batch 3 held; batch 3 out: the empty claim
+        assert claimable == [5, 0, 0]
+    else:
+        assert claimable == [10, 5, 0]
+    assert OutboxMessage.objects.filter(task_id__in=ids, status=Status.SENT).count() == 15
+    wait_for(lambda: set(delivered(token)) == set(ids))
+    assert max(delivered(token).values()) == 1
+
+
+@pytest.mark.parametrize("way", ["handed back", "kept (unsafe)"])
+def test_loop__stopping_hands_back_the_batch_claimed_ahead(token, monkeypatch, way) -> None:  # type: ignore[no-untyped-def]
+    """A relay stopped while it publishes a backlog's batch hands the next batch, claimed ahead
+    and never published, back at once: another sender takes it now, not after the lease. The
+    unsafe way (kept) runs once and shows those rows leased for LEASE seconds."""
+    from aftercommit.brokers import Sender
+
+    if not _claimed_ahead_supported():
+        pytest.skip("claims go ahead on PostgreSQL with psycopg 3 only")
+    if way == "kept (unsafe)":
+        monkeypatch.setattr(Relay, "_release", lambda self, alias, rows, delay: None)
+    with transaction.atomic():
+        ids = [read_item.delay(token, None, i).id for i in range(20)]
+    relay = Relay(app, aliases=["default"], batch_size=5)
+    send = Sender.send
+
+    def stopping_send(self, items):  # type: ignore[no-untyped-def]
+        relay.stop()  # (a SIGTERM during the first publish)
+        return send(self, items)
+
+    monkeypatch.setattr(Sender, "send", stopping_send)
+    relay.run()
+    assert OutboxMessage.objects.filter(task_id__in=ids, status=Status.SENT).count() == 5
+    if way == "handed back":
+        assert _due_and_unlocked(ids) == 15
+    else:
+        assert _due_and_unlocked(ids) == 10  # five wait for their lease
+    wait_for(lambda: len(delivered(token)) == 5)
+    assert max(delivered(token).values()) == 1
+
+
+def test_loop__broker_down_hands_back_the_batch_claimed_ahead(token, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """The broker is down while a backlog's batch goes out: the batch claimed ahead waits with
+    it, due when the relay tries the broker again, not leased until its lease is over; no
+    attempt is used. Then everything goes, once."""
+    from aftercommit.brokers import BrokerUnavailable, Outcome, Sender
+
+    if not _claimed_ahead_supported():
+        pytest.skip("claims go ahead on PostgreSQL with psycopg 3 only")
+    with transaction.atomic():
+        ids = [read_item.delay(token, None, i).id for i in range(10)]
+    send = Sender.send
+    down = [True]
+
+    def send_or_outage(self, items):  # type: ignore[no-untyped-def]
+        if down.pop() if down else False:
+            return Outcome(unsent=list(items), broker_error=BrokerUnavailable("down"))
+        return send(self, items)
+
+    monkeypatch.setattr(Sender, "send", send_or_outage)
+    relay = Relay(app, aliases=["default"], batch_size=5)
+    try:
+        assert relay.run_batch("default", in_loop=True) == 5
+        assert relay._claimed == {}
+        pause = relay._paused_until - time.monotonic()
+        soon = timezone.now() + dt.timedelta(seconds=pause + 1)
+        rows = OutboxMessage.objects.filter(task_id__in=ids)
+        assert rows.filter(claim_token__isnull=False).values("claim_token").distinct().count() == 2
+        assert not rows.filter(due_at__gt=soon).exists()  # all ten due with the broker's retry
+        assert set(rows.values_list("attempts", flat=True)) == {0}
+    finally:
+        relay._shutdown()
+    OutboxMessage.objects.filter(task_id__in=ids).update(due_at=timezone.now())
+    Relay(app, aliases=["default"], batch_size=5).run(once=True)
+    wait_for(lambda: set(delivered(token)) == set(ids))
+    assert max(delivered(token).values()) == 1
+
+
+def test_loop__the_claiming_connection_cut_mid_publish__nothing_lost_or_doubled(  # type: ignore[no-untyped-def]
+    token, monkeypatch, caplog
+) -> None:
+    """The server drops the connection the next batch was claimed on while this batch is
+    published (a failover, an idle timeout): the claim never committed, so its rows are claimed
+    again as usual at once; the relay says what happened and every message goes once."""
+    from aftercommit.brokers import Sender
+
+    if not _claimed_ahead_supported():
+        pytest.skip("claims go ahead on PostgreSQL with psycopg 3 only")
+    with transaction.atomic():
+        ids = [read_item.delay(token, None, i).id for i in range(20)]
+    relay = Relay(app, aliases=["default"], batch_size=5)
+    send = Sender.send
+    cut: list[int] = []
+
+    def cutting_send(self, items):  # type: ignore[no-untyped-def]
+        claiming = relay._claiming.get("default")
+        if not cut and claiming is not None and claiming.connection is not None:
+            pid = claiming.connection.info.backend_pid
+            with connection.cursor() as cursor:
+                cursor.execute("SELECT pg_terminate_backend(%s, 5000)", [pid])
+            cut.append(pid)
+        return send(self, items)
+
+    monkeypatch.setattr(Sender, "send", cutting_send)
+    started = time.monotonic()
+    with caplog.at_level("WARNING", logger="aftercommit.relay"):
+        relay.run(once=True)
+    assert cut
+    assert "reading the batch claimed ahead" in caplog.text
+    assert time.monotonic() - started < 10  # not after a lease (the lease is 60 s)
+    assert OutboxMessage.objects.filter(task_id__in=ids, status=Status.SENT).count() == 20
+    wait_for(lambda: set(delivered(token)) == set(ids))
+    assert max(delivered(token).values()) == 1
+
+
 @pytest.mark.parametrize(
     "database_time_zone, use_tz", [(None, True), ("America/Sao_Paulo", True), (None, False)]
 )
-def test_claim__rows_as_django_loads_them(token, settings, database_time_zone, use_tz) -> None:  # type: ignore[no-untyped-def]
+@pytest.mark.parametrize("way", ["claim", "claim_ahead"])
+def test_claim__rows_as_django_loads_them(token, settings, database_time_zone, use_tz, way) -> None:  # type: ignore[no-untyped-def]
     """The claim loads its rows' timestamps with the database driver's own loader where it can
     (psycopg 3's, in C), not Django's: the values, and their tzinfo (none without USE_TZ), are
     what the ORM gives, whatever time zone the connection has."""
@@ -488,7 +641,18 @@ def test_claim__rows_as_django_loads_them(token, settings, database_time_zone, u
         with transaction.atomic():
             read_item.delay(token, None, 1)
         OutboxMessage.objects.update(sent_at=timezone.now())  # a timestamp that is not null
-        (claimed,) = OutboxMessage.objects.claim(limit=5, lease=60)
+        if way == "claim":
+            (claimed,) = OutboxMessage.objects.claim(limit=5, lease=60)
+        else:  # sent ahead on a connection of its own, read later
+            if not _claimed_ahead_supported():
+                pytest.skip("claims go ahead on PostgreSQL with psycopg 3 only")
+            own = connections.create_connection("default")
+            try:
+                read = OutboxMessage.objects.claim_ahead(own, limit=5, lease=60)
+                assert read is not None
+                (claimed,) = read()
+            finally:
+                own.close()
         loaded = OutboxMessage.objects.get(pk=claimed.pk)
         for field in OutboxMessage._meta.concrete_fields:
             mine, django = getattr(claimed, field.attname), getattr(loaded, field.attname)

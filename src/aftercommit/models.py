@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import datetime as dt
 import secrets
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from contextlib import ExitStack
 from typing import Any, NamedTuple
 
 from django.db import DatabaseError, IntegrityError, connections, models, transaction
@@ -223,10 +224,50 @@ class OutboxMessageQuerySet(models.QuerySet["OutboxMessage"]):
             return self._claim_returning(connection, limit=limit, lease=lease, token=token)
         return self._claim(limit=limit, lease=lease, token=token)
 
+    def claim_ahead(
+        self, connection: BaseDatabaseWrapper, *, limit: int, lease: float
+    ) -> Callable[[], list[OutboxMessage]] | None:
+        """Send a claim on ``connection`` and return before its rows arrive (psycopg 3's
+        pipeline mode: PostgreSQL runs it while the caller goes on); the function returned waits
+        for them. ``None`` where a claim cannot be sent ahead (another database or driver).
+
+        ``connection`` is a connection of the caller's own, used by nothing else until the rows
+        are read: the relay publishes a batch meanwhile, and publish signal receivers may use
+        this thread's connections. The claim commits when its rows are read.
+        """
+        if connection.vendor != "postgresql" or connection.Database.__name__ != "psycopg":  # type: ignore[attr-defined]
+            return None
+        sql, _ = _claim_statement(self.model, connection)
+        params: list[Any] = [
+            dt.timedelta(seconds=lease),
+            secrets.token_hex(8),
+            Status.PENDING,
+            limit,
+        ]
+        connection.ensure_connection()
+        with connection.wrap_database_errors:
+            stack = ExitStack()
+            stack.enter_context(connection.connection.pipeline())
+            try:
+                cursor = stack.enter_context(connection.cursor())
+                cursor.cursor.adapters.register_loader("timestamptz", _timestamptz_loader())
+                # Not prepared: planning happens while the caller publishes, and a pooler in
+                # transaction mode needs no special case.
+                cursor.execute(sql, params)
+            except BaseException:
+                stack.close()
+                raise
+
+        def rows() -> list[OutboxMessage]:
+            with connection.wrap_database_errors, stack:  # (leaving the pipeline commits)
+                return self._claimed(connection, cursor.fetchall())
+
+        return rows
+
     def _claim_returning(
         self, connection: BaseDatabaseWrapper, *, limit: int, lease: float, token: str
     ) -> list[OutboxMessage]:
-        sql, names = _claim_statement(self.model, connection)
+        sql, _ = _claim_statement(self.model, connection)
         params: list[Any] = [dt.timedelta(seconds=lease), token, Status.PENDING, limit]
         types = ("interval", "text", "int", "int")
         fast = connection.Database.__name__ == "psycopg"  # type: ignore[attr-defined]  # not 2
@@ -234,6 +275,12 @@ class OutboxMessageQuerySet(models.QuerySet["OutboxMessage"]):
             connection, "aftercommit_claim", sql, params, types, returns_rows=True,
             fast_timestamps=fast,
         )  # fmt: skip
+        return self._claimed(connection, rows)
+
+    def _claimed(self, connection: BaseDatabaseWrapper, rows: list[Any]) -> list[OutboxMessage]:
+        """The claim's returned rows as messages, in id order, each with its ``claimed_at``."""
+        _, names = _claim_statement(self.model, connection)
+        fast = connection.Database.__name__ == "psycopg"  # type: ignore[attr-defined]
         if fast and rows and rows[0][-1].tzinfo is not connection.timezone:
             # psycopg's loader gives the session's time zone (Django sets it to the
             # connection's); Django's own loader gives the same wall time with the connection's

@@ -25,6 +25,7 @@ from typing import Any, TypeVar
 
 from celery import Celery
 from django.db import InterfaceError, OperationalError, connections, router
+from django.db.backends.base.base import BaseDatabaseWrapper
 from kombu.exceptions import ContentDisallowed
 
 from . import debounce, replicas, signals
@@ -112,13 +113,18 @@ class Relay:
         self._last_heartbeat: dict[str, float] = {}
         self._last_purge = 0.0
         self._last_purge_step = 0.0
-        self._tuned: dict[tuple[int, str], Any] = {}  # (thread, alias) -> the raw connection set up
+        self._tuned: dict[tuple[Any, str], Any] = {}  # (thread or "claiming", alias) -> raw connection set up
         self._purging: list[str] = []
         self._unsettled: list[tuple[str, list[OutboxMessage]]] = []  # published, not yet marked
         # Draining a backlog (see run_batch): full batches are marked on a thread of their own,
         # with its own connections, while this one goes on.
         self._db: ThreadPoolExecutor | None = None
         self._marking: list[tuple[str, list[OutboxMessage], Future[int]]] = []
+        # Draining a backlog on PostgreSQL: the next batch is claimed while this one is published,
+        # on a connection of the relay's own (see _claim_ahead); its rows wait here.
+        self._claiming: dict[str, BaseDatabaseWrapper] = {}
+        self._claimed: dict[str, tuple[list[OutboxMessage], float]] = {}
+        self._claiming_unsupported: set[str] = set()
 
     # The loop -----------------------------------------------------------------------------
 
@@ -156,6 +162,7 @@ class Relay:
                         busy = True
                 if not busy:  # a drain is over: the last marks' signals
                     self._collect_marks(wait=True)
+                    self._close_claiming()
                 self._upkeep(busy=busy)
                 if not busy and not self.stopping.is_set():
                     look |= self._wait(waiter, last_look)
@@ -214,7 +221,7 @@ class Relay:
             self.stopping.wait(min(settings.POLL_INTERVAL, 1.0))
             return 0
 
-    def _tune_session(self, alias: str) -> None:
+    def _tune_session(self, alias: str, connection: BaseDatabaseWrapper | None = None) -> None:
         """PostgreSQL: the relay's own session claims with a plain index scan, never a bitmap
         scan. Every sent row leaves dead entries in the claim index's "due" range until vacuum
         runs (minutes, on a big table); a bitmap scan visits all of them on every claim (measured:
@@ -227,12 +234,16 @@ class Relay:
         (``synchronous_commit = off``; measured: 0.35 ms less from a commit to its publish). A
         database crash can then lose the relay's last claims or marks, never a caller's commit
         (their sessions are untouched): such a row is sent again, at least once as always."""
-        connection = connections[alias]
+        # This thread's connection (the loop's, or the database thread's), or the one given.
+        key: tuple[Any, str] = (threading.get_ident(), alias)
+        if connection is None:
+            connection = connections[alias]
+        else:
+            key = ("claiming", alias)
         if connection.vendor != "postgresql":
             return
         connection.ensure_connection()
         raw = connection.connection
-        key = (threading.get_ident(), alias)  # the loop's thread, and the database thread's
         if self._tuned.get(key) is raw:
             return
         with connection.cursor() as cursor:
@@ -247,21 +258,28 @@ class Relay:
 
         ``in_loop`` is the relay loop's own call. A batch that was not full is then marked sent
         by the next ``_settle_published()`` (the loop's, a few milliseconds later). A full batch
-        means a backlog: it is marked on the relay's database thread while this one claims,
-        builds and publishes the next, so the mark's time in the database hides behind them
-        (measured draining a backlog: 5% less time per message; the claim is not moved there,
-        its rows' loading would take the interpreter's lock from the publishing and cost more
-        than it saves).
+        means a backlog, and the database's work hides behind the publishing:
+
+        - the batch is marked on the relay's database thread while this one claims, builds and
+          publishes the next (measured: 5% less time per message);
+        - on PostgreSQL the next batch is claimed while this one is published, on a connection
+          of the relay's own (``_claim_ahead``; measured: a fifth less time per message). The
+          claim is not moved to the database thread: its rows' loading there takes the
+          interpreter's lock from the publishing and cost as much as it saved, measured.
         """
         lease = float(settings.LEASE)
         limit = self.batch_size or settings.BATCH_SIZE
-        started = time.monotonic()
         skip_locked = connections[alias].features.has_select_for_update_skip_locked
-        if not skip_locked and not Lease.objects.using(alias).acquire(
-            CLAIM_LEASE, self.holder, seconds=lease
-        ):
-            return 0
-        rows = OutboxMessage.objects.using(alias).claim(limit=limit, lease=lease)
+        claimed_ahead = self._claimed.pop(alias, None)
+        if claimed_ahead is not None:
+            rows, started = claimed_ahead
+        else:
+            started = time.monotonic()
+            if not skip_locked and not Lease.objects.using(alias).acquire(
+                CLAIM_LEASE, self.holder, seconds=lease
+            ):
+                return 0
+            rows = OutboxMessage.objects.using(alias).claim(limit=limit, lease=lease)
         if not rows:
             return 0
         claimed = len(rows)
@@ -283,9 +301,11 @@ class Relay:
         if lsn is not None:  # replica-safe reads: each task waits for its replicas to replay this
             for item in items:
                 item.options["headers"] = replicas.stamped(item.options.get("headers"), alias, lsn)
+        backlog = in_loop and claimed >= limit and skip_locked  # (SQLite: one writer at a time)
+        ahead = self._claim_ahead(alias, limit, lease) if backlog else None
         outcome = self.sender.send(items)
         sent = [item.row for item in outcome.sent]
-        if in_loop and claimed >= limit and skip_locked:  # (SQLite has one writer at a time)
+        if backlog:
             # The batch before this one was marked while this one was claimed, built and sent;
             # no further: published and not marked is what a crash sends again, and a mark that
             # waits (a lock, a slow database) must hold the relay back, not let it run ahead.
@@ -311,6 +331,8 @@ class Relay:
                 logger.warning("relay %s: the broker setup works again", self.holder)
                 self.setup_error = ""
                 self._last_heartbeat.clear()  # report it at once
+        if ahead is not None:
+            self._take_claimed_ahead(alias, *ahead)
         if time.monotonic() > deadline:
             logger.warning(
                 "a batch of %d took longer than 80%% of the %ss lease; lower "
@@ -319,6 +341,87 @@ class Relay:
                 settings.LEASE,
             )
         return claimed
+
+    # The next batch's claim, ahead (PostgreSQL) ------------------------------------------------
+
+    def _claim_ahead(
+        self, alias: str, limit: int, lease: float
+    ) -> tuple[Callable[[], list[OutboxMessage]], float] | None:
+        """Send the next batch's claim, to be read once this batch is published: PostgreSQL
+        claims (locks, updates, returns) while the relay publishes. On a connection of the
+        relay's own, which nothing else uses, so publish signal receivers that query the
+        database are not caught up in it. ``None`` where it cannot be done (psycopg 2, another
+        database, or the claim could not be sent: the next batch is then claimed as usual)."""
+        if self.stopping.is_set() or alias in self._claiming_unsupported:
+            return None
+        connection = self._claiming.get(alias)
+        if connection is None:
+            connection = self._claiming[alias] = connections.create_connection(alias)
+        try:
+            self._tune_session(alias, connection)
+            read = OutboxMessage.objects.using(alias).claim_ahead(
+                connection, limit=limit, lease=lease
+            )
+        except Exception:
+            logger.warning(
+                "relay %s: claiming the next batch ahead on %r failed; claiming as usual",
+                self.holder, alias, exc_info=True,
+            )  # fmt: skip
+            self._close_claiming(alias)
+            return None
+        if read is None:
+            self._claiming_unsupported.add(alias)
+            self._close_claiming(alias)
+            return None
+        return read, time.monotonic()
+
+    def _take_claimed_ahead(
+        self, alias: str, read: Callable[[], list[OutboxMessage]], started: float
+    ) -> None:
+        """Read the rows claimed ahead: the next batch, unless the relay is stopping or the
+        broker is down (then they are handed back at once, due when it looks again)."""
+        try:
+            rows = read()
+        except Exception:
+            # Whether the claim committed is unknown: if it did, its rows go after their lease.
+            logger.warning(
+                "relay %s: reading the batch claimed ahead on %r failed; if it was claimed, it "
+                "is sent once its lease is over", self.holder, alias, exc_info=True,
+            )  # fmt: skip
+            self._close_claiming(alias)
+            return
+        pause = self._paused_until - time.monotonic()
+        if rows and (pause > 0 or self.stopping.is_set()):
+            self._release(alias, rows, delay=max(pause, 0.0))
+            return
+        self._claimed[alias] = (rows, started)
+
+    def _release(self, alias: str, rows: list[OutboxMessage], *, delay: float) -> None:
+        """Hand claimed rows that were never published back, due in ``delay`` seconds."""
+        try:
+            self._settle(
+                alias,
+                lambda: OutboxMessage.objects.using(alias).reschedule(
+                    [r.id for r in rows], delay=delay, claim_token=rows[0].claim_token
+                ),
+            )
+        except Exception:
+            logger.exception(
+                "relay %s: handing back %d claimed message(s) on %r failed; they are sent once "
+                "their lease is over", self.holder, len(rows), alias,
+            )  # fmt: skip
+
+    def _close_claiming(self, alias: str | None = None) -> None:
+        """Close the connection(s) the next batches were claimed on (reopened when needed)."""
+        for name in [alias] if alias else list(self._claiming):
+            connection = self._claiming.pop(name, None)
+            if connection is None:
+                continue
+            self._tuned.pop(("claiming", name), None)
+            try:
+                connection.close()
+            except Exception:
+                logger.debug("closing a claiming connection failed", exc_info=True)
 
     def _mark(self, alias: str, rows: list[OutboxMessage]) -> int:
         outbox = OutboxMessage.objects.using(alias)
@@ -567,6 +670,11 @@ class Relay:
         if self.waiter is not None:
             self.waiter.close()
             self.waiter = None
+        claimed, self._claimed = self._claimed, {}
+        for alias, (rows, _) in claimed.items():  # claimed ahead, never published: due now
+            if rows:
+                self._release(alias, rows, delay=0.0)
+        self._close_claiming()
         for alias in self.aliases:
             try:
                 Lease.objects.using(alias).release(CLAIM_LEASE, self.holder)
