@@ -153,7 +153,12 @@ def run_relays(processes: int, count: int, batch_size: int) -> dict[str, Any]:
 # Where a relay's time goes: (label, file suffix, function name) of profiled functions. "build:"
 # parts are inside "build the batch's messages", "publish:" parts inside "publish the batch".
 PROFILE_PARTS = [
-    ("claim: SELECT ... FOR UPDATE SKIP LOCKED, then UPDATE", "aftercommit/models.py", "claim"),
+    ("claim: one UPDATE ... (SELECT ... FOR UPDATE SKIP LOCKED) RETURNING, waited for",
+     "aftercommit/models.py", "claim"),
+    ("claim the next batch ahead: sent before the publish (PostgreSQL)", "aftercommit/models.py",
+     "claim_ahead"),
+    ("claim the next batch ahead: its rows read after the publish", "aftercommit/relay.py",
+     "_take_claimed_ahead"),
     ("mark sent: one UPDATE a batch", "aftercommit/models.py", "mark_sent"),
     ("build the batch's messages (`Builder.build`, per message)", "aftercommit/messages.py",
      "build"),

@@ -113,7 +113,8 @@ class Relay:
         self._last_heartbeat: dict[str, float] = {}
         self._last_purge = 0.0
         self._last_purge_step = 0.0
-        self._tuned: dict[tuple[Any, str], Any] = {}  # (thread or "claiming", alias) -> raw connection set up
+        # (thread, or "claiming", alias) -> the raw connection set up
+        self._tuned: dict[tuple[Any, str], Any] = {}
         self._purging: list[str] = []
         self._unsettled: list[tuple[str, list[OutboxMessage]]] = []  # published, not yet marked
         # Draining a backlog (see run_batch): full batches are marked on a thread of their own,
@@ -303,6 +304,34 @@ class Relay:
                 item.options["headers"] = replicas.stamped(item.options.get("headers"), alias, lsn)
         backlog = in_loop and claimed >= limit and skip_locked  # (SQLite: one writer at a time)
         ahead = self._claim_ahead(alias, limit, lease) if backlog else None
+        try:
+            self._publish_and_settle(alias, items, failed, backlog=backlog, in_loop=in_loop)
+        except BaseException:
+            if ahead is not None:  # unread, uncommitted: closing its connection rolls it back
+                self._close_claiming(alias)
+            raise
+        if ahead is not None:
+            self._take_claimed_ahead(alias, *ahead)
+        if time.monotonic() > deadline:
+            logger.warning(
+                "a batch of %d took longer than 80%% of the %ss lease; lower "
+                "AFTERCOMMIT['BATCH_SIZE'] or raise AFTERCOMMIT['LEASE']",
+                len(rows),
+                settings.LEASE,
+            )
+        return claimed
+
+    def _publish_and_settle(
+        self,
+        alias: str,
+        items: list[Outgoing],
+        failed: list[tuple[OutboxMessage, BaseException]],
+        *,
+        backlog: bool,
+        in_loop: bool,
+    ) -> None:
+        """Publish a built batch, then mark what went, record each message's own failure, and
+        hand back what an outage or a setup error kept from going."""
         outcome = self.sender.send(items)
         sent = [item.row for item in outcome.sent]
         if backlog:
@@ -331,16 +360,6 @@ class Relay:
                 logger.warning("relay %s: the broker setup works again", self.holder)
                 self.setup_error = ""
                 self._last_heartbeat.clear()  # report it at once
-        if ahead is not None:
-            self._take_claimed_ahead(alias, *ahead)
-        if time.monotonic() > deadline:
-            logger.warning(
-                "a batch of %d took longer than 80%% of the %ss lease; lower "
-                "AFTERCOMMIT['BATCH_SIZE'] or raise AFTERCOMMIT['LEASE']",
-                len(rows),
-                settings.LEASE,
-            )
-        return claimed
 
     # The next batch's claim, ahead (PostgreSQL) ------------------------------------------------
 
