@@ -482,6 +482,14 @@ def backlog_alone() -> None:
     OutboxMessage.objects.all().delete()
 
 
+def _ran_and_waits_for_its_sync(pid: int) -> bool:
+    """The session ``pid`` has run what it was sent and waits for the client: a pipelined claim
+    done, its transaction open until the claim is read."""
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT state, wait_event FROM pg_stat_activity WHERE pid = %s", [pid])
+        return cursor.fetchone() == ("active", "ClientRead")
+
+
 def _due_and_unlocked(ids: list[str]) -> int:
     """The messages of ``ids`` another sender could claim now (due, not locked by a claim)."""
     with transaction.atomic():
@@ -509,13 +517,20 @@ def test_loop__a_backlog_batch_is_claimed_while_the_one_before_is_published(  # 
         ids = [read_item.delay(token, None, i).id for i in range(15)]
     claimable: list[int] = []  # at each publish: what another sender could still claim
     send = Sender.send
+    relay = Relay(app, aliases=["default"], batch_size=5)
 
     def watched_send(self, items):  # type: ignore[no-untyped-def]
+        claiming = relay._claiming.get("default")
+        if claiming is not None and claiming.connection is not None:
+            # The claim ahead is on its way: look once PostgreSQL has run it (and holds its
+            # rows), else this look's own locks could make it skip them.
+            pid = claiming.connection.info.backend_pid
+            wait_for(lambda: _ran_and_waits_for_its_sync(pid), timeout=10)
         claimable.append(_due_and_unlocked(ids))
         return send(self, items)
 
     monkeypatch.setattr(Sender, "send", watched_send)
-    Relay(app, aliases=["default"], batch_size=5).run(once=True)
+    relay.run(once=True)
     if way == "claimed ahead":
         # batch 1 out: batch 2 held; batch 2 out: batch 3 held; batch 3 out: the empty claim
         assert claimable == [5, 0, 0]
@@ -619,6 +634,33 @@ def test_loop__an_error_after_the_publish_rolls_the_claim_ahead_back(token, monk
     assert failures
     assert _due_and_unlocked(ids) == 15  # the claim ahead rolled back, not leased for 60 s
     Relay(app, aliases=["default"], batch_size=5).run(once=True)
+    assert OutboxMessage.objects.filter(task_id__in=ids, status=Status.SENT).count() == 20
+    wait_for(lambda: set(delivered(token)) == set(ids))
+    assert max(delivered(token).values()) == 1
+
+
+@pytest.mark.usefixtures("backlog_alone")
+def test_loop__a_claim_ahead_that_cannot_be_sent__claimed_as_usual_one_warning(  # type: ignore[no-untyped-def]
+    token, monkeypatch, caplog
+) -> None:
+    """The claim ahead cannot even be sent (the claiming connection is refused): the relay says
+    so once for the backlog, not once a batch, and claims as usual; every message goes once."""
+    from django.db import OperationalError
+
+    from aftercommit.models import OutboxMessageQuerySet
+
+    if not _claimed_ahead_supported():
+        pytest.skip("claims go ahead on PostgreSQL with psycopg 3 only")
+
+    def refused(*args, **kwargs):  # type: ignore[no-untyped-def]
+        raise OperationalError("connection refused")
+
+    monkeypatch.setattr(OutboxMessageQuerySet, "claim_ahead", refused)
+    with transaction.atomic():
+        ids = [read_item.delay(token, None, i).id for i in range(20)]
+    with caplog.at_level("WARNING", logger="aftercommit.relay"):
+        Relay(app, aliases=["default"], batch_size=5).run(once=True)
+    assert caplog.text.count("claiming the next batch ahead") == 1
     assert OutboxMessage.objects.filter(task_id__in=ids, status=Status.SENT).count() == 20
     wait_for(lambda: set(delivered(token)) == set(ids))
     assert max(delivered(token).values()) == 1

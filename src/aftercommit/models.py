@@ -229,13 +229,18 @@ class OutboxMessageQuerySet(models.QuerySet["OutboxMessage"]):
     ) -> Callable[[], list[OutboxMessage]] | None:
         """Send a claim on ``connection`` and return before its rows arrive (psycopg 3's
         pipeline mode: PostgreSQL runs it while the caller goes on); the function returned waits
-        for them. ``None`` where a claim cannot be sent ahead (another database or driver).
+        for them. ``None`` where a claim cannot be sent ahead (another database or driver, or a
+        libpq without pipeline mode).
 
         ``connection`` is a connection of the caller's own, used by nothing else until the rows
         are read: the relay publishes a batch meanwhile, and publish signal receivers may use
         this thread's connections. The claim commits when its rows are read.
         """
         if connection.vendor != "postgresql" or connection.Database.__name__ != "psycopg":  # type: ignore[attr-defined]
+            return None
+        import psycopg
+
+        if not psycopg.Pipeline.is_supported():  # a libpq older than 14
             return None
         sql, _ = _claim_statement(self.model, connection)
         params: list[Any] = [

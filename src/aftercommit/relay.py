@@ -126,6 +126,7 @@ class Relay:
         self._claiming: dict[str, BaseDatabaseWrapper] = {}
         self._claimed: dict[str, tuple[list[OutboxMessage], float]] = {}
         self._claiming_unsupported: set[str] = set()
+        self._claiming_failed: set[str] = set()  # not ahead again until this drain is over
 
     # The loop -----------------------------------------------------------------------------
 
@@ -371,7 +372,7 @@ class Relay:
         relay's own, which nothing else uses, so publish signal receivers that query the
         database are not caught up in it. ``None`` where it cannot be done (psycopg 2, another
         database, or the claim could not be sent: the next batch is then claimed as usual)."""
-        if self.stopping.is_set() or alias in self._claiming_unsupported:
+        if self.stopping.is_set() or alias in self._claiming_unsupported | self._claiming_failed:
             return None
         connection = self._claiming.get(alias)
         if connection is None:
@@ -383,10 +384,11 @@ class Relay:
             )
         except Exception:
             logger.warning(
-                "relay %s: claiming the next batch ahead on %r failed; claiming as usual",
-                self.holder, alias, exc_info=True,
+                "relay %s: claiming the next batch ahead on %r failed; claiming as usual until "
+                "this backlog is drained", self.holder, alias, exc_info=True,
             )  # fmt: skip
             self._close_claiming(alias)
+            self._claiming_failed.add(alias)
             return None
         if read is None:
             self._claiming_unsupported.add(alias)
@@ -431,7 +433,10 @@ class Relay:
             )  # fmt: skip
 
     def _close_claiming(self, alias: str | None = None) -> None:
-        """Close the connection(s) the next batches were claimed on (reopened when needed)."""
+        """Close the connection(s) the next batches were claimed on (reopened when needed); for
+        every alias, a drain is over: a claim ahead that failed may be tried again."""
+        if alias is None:
+            self._claiming_failed.clear()
         for name in [alias] if alias else list(self._claiming):
             connection = self._claiming.pop(name, None)
             if connection is None:
