@@ -153,7 +153,7 @@ def run_relays(processes: int, count: int, batch_size: int) -> dict[str, Any]:
 # Where a relay's time goes: (label, file suffix, function name) of profiled functions. "build:"
 # parts are inside "build the batch's messages", "publish:" parts inside "publish the batch".
 PROFILE_PARTS = [
-    ("claim: one UPDATE ... (SELECT ... FOR UPDATE SKIP LOCKED) RETURNING, waited for",
+    ("claim: one UPDATE ... = ANY(ARRAY(SELECT ... SKIP LOCKED)) RETURNING, waited for",
      "aftercommit/models.py", "claim"),
     ("claim the next batch ahead: sent before the publish (PostgreSQL)", "aftercommit/models.py",
      "claim_ahead"),

@@ -751,6 +751,50 @@ def test_claim__rows_as_django_loads_them(token, settings, database_time_zone, u
             connection.__dict__.pop(cached, None)
 
 
+@pytest.mark.usefixtures("backlog_alone")
+def test_claim__finds_its_rows_by_primary_key_not_by_scanning_the_outbox(token) -> None:  # type: ignore[no-untyped-def]
+    """PostgreSQL's claim reads the claim index, then finds each claimed row by primary key,
+    whatever the table holds. The old form (``id IN (SELECT …)``), run once to show it, hashes a
+    sequential scan of the whole outbox on a table of a few thousand kept rows whose statistics
+    are stale (a queue table's, most of the time: here, taken during a backlog since drained):
+    most of a woken claim's time."""
+    from aftercommit.models import _claim_statement
+
+    if connection.vendor != "postgresql":
+        pytest.skip("the claim is one statement on PostgreSQL only")
+    with transaction.atomic():
+        read_item.delay(token, None, 0)
+    table = OutboxMessage._meta.db_table
+    with connection.cursor() as cursor:
+        cursor.execute(  # a backlog of 8,000, analyzed, then sent and kept (RETENTION)
+            f"INSERT INTO {table} (task_id, task_name, payload, content_type, content_encoding,"
+            " options, trace, status, created_at, due_at, attempts, last_error)"
+            " SELECT t.task_id || '-' || g, t.task_name, t.payload, t.content_type,"
+            " t.content_encoding, t.options, t.trace, t.status, t.created_at, t.due_at, 0, ''"
+            f" FROM {table} t, generate_series(1, 8000) g"
+        )
+        cursor.execute(f"ANALYZE {table}")
+        cursor.execute(
+            f"UPDATE {table} SET status = %s, sent_at = now() WHERE task_id LIKE %s",
+            [Status.SENT, "%-%-%-%-%-%"],
+        )
+        cursor.execute("SET enable_bitmapscan TO off")  # (as the relay's session)
+        sql, _ = _claim_statement(OutboxMessage, connection)
+        old = sql.replace("= ANY(ARRAY(", "IN (").replace("SKIP LOCKED))", "SKIP LOCKED)")
+        plans = {}
+        for form, statement in (("now", sql), ("old", old)):
+            cursor.execute(
+                "EXPLAIN " + statement, [dt.timedelta(seconds=60), "t", Status.PENDING, 500]
+            )
+            plans[form] = "\n".join(line for (line,) in cursor.fetchall())
+        cursor.execute("RESET enable_bitmapscan")
+    assert f"Seq Scan on {table}" not in plans["now"], plans["now"]
+    assert f"Index Scan using {table}_pkey" in plans["now"], plans["now"]
+    assert f"Seq Scan on {table}" in plans["old"], plans["old"]
+    (claimed,) = OutboxMessage.objects.claim(limit=500, lease=60)
+    assert claimed.task_id == OutboxMessage.objects.get(status=Status.PENDING).task_id
+
+
 def test_migration_0006__partial_indexes_on_postgresql__and_back() -> None:
     """PostgreSQL's outbox indexes leave out what no query asks them for (sent rows from the
     claim index, rows without a sent_at or a debounce key from theirs); migrating back restores

@@ -127,7 +127,14 @@ def _claim_statement(
     model: type[models.Model], connection: BaseDatabaseWrapper
 ) -> tuple[str, list[str]]:
     """PostgreSQL's claim of ``model``'s rows, and the attribute names of what it returns;
-    written once."""
+    written once.
+
+    The ids to claim come from the claim index, locked (``FOR UPDATE SKIP LOCKED``), as an
+    array computed once; the UPDATE then finds each row by primary key. Written as ``id IN
+    (SELECT …)`` instead, the planner expects the subquery's ``LIMIT`` of rows and, on an outbox
+    of a few thousand rows (sent ones are kept for ``RETENTION``), joins them by hashing a
+    sequential scan of the whole table: measured inside a worker, 1.54 ms a claim of one row
+    woken by a commit against 0.68 ms this way, a third of the commit-to-task time."""
     statement = _claim_statements.get(model)
     if statement is None:
         quote = connection.ops.quote_name
@@ -136,9 +143,9 @@ def _claim_statement(
         table = quote(opts.db_table)
         sql = (
             f"UPDATE {table} SET due_at = STATEMENT_TIMESTAMP() + %s, claim_token = %s "
-            f"WHERE id IN ("
+            f"WHERE id = ANY(ARRAY("
             f"SELECT id FROM {table} WHERE status = %s AND due_at <= STATEMENT_TIMESTAMP() "
-            f"ORDER BY due_at, id LIMIT %s FOR UPDATE SKIP LOCKED) "
+            f"ORDER BY due_at, id LIMIT %s FOR UPDATE SKIP LOCKED)) "
             f"RETURNING {columns}, STATEMENT_TIMESTAMP()"
         )
         statement = _claim_statements[model] = (sql, [f.attname for f in opts.concrete_fields])
@@ -211,7 +218,7 @@ class OutboxMessageQuerySet(models.QuerySet["OutboxMessage"]):
     def claim(self, *, limit: int, lease: float) -> list[OutboxMessage]:
         """Take up to ``limit`` due messages for ``lease`` seconds, by the database's clock.
 
-        PostgreSQL: one statement (``UPDATE … WHERE id IN (SELECT … FOR UPDATE SKIP LOCKED)
+        PostgreSQL: one statement (``UPDATE … WHERE id = ANY(ARRAY(SELECT … FOR UPDATE SKIP LOCKED))
         RETURNING``), one round trip. Elsewhere: a short transaction of two (see ``_claim``).
         Each row comes back with ``claimed_at``, the database's time of the claim, in id order,
         and the batch's ``claim_token``: the writes that settle the batch (``reschedule``,
