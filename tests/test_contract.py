@@ -188,6 +188,24 @@ def test_one_builder_for_a_batch__every_message_what_plain_celery_publishes(
         assert got == expected, name
 
 
+def test_a_builder_kept_for_a_relay_s_life__keeps_a_bounded_number_of_templates(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A relay keeps one builder; calls with ever new options (a countdown each) do not make
+    it grow past its bound, and each message is still its own call's."""
+    from aftercommit import messages
+
+    monkeypatch.setattr(messages, "TEMPLATES_MAX", 3)
+    with transaction.atomic():
+        for seconds in range(10):
+            read_item.apply_async(("region", None, seconds), countdown=100 + seconds)
+    builder = Builder(app)
+    built = [builder.build(row) for row in OutboxMessage.objects.order_by("id")]
+    assert len(builder._templates) <= 3
+    etas = [item.message.headers["eta"] for item in built]
+    assert etas == sorted(etas) and len(set(etas)) == 10
+
+
 def test_a_router_that_reads_the_arguments__routes_each_message() -> None:
     """Routes by name are looked up once a batch; a router function sees every message's own
     arguments, as it would with plain Celery."""

@@ -5,7 +5,7 @@ The caller's process stored what Celery's ``apply_async`` handed to ``send_task`
 with Celery's own ``amqp.create_task_message``, to be published with Celery's own
 ``amqp.send_task_message`` (so ``before_task_publish`` and ``after_task_publish`` fire with the
 headers Celery gives). What ``send_task`` would look up for every message (settings, the node name,
-the argument reprs' limits) is read once per batch. A contract test compares the result with what
+the argument reprs' limits) is read once per relay. A contract test compares the result with what
 plain ``apply_async`` publishes for the same call, on every supported Celery version.
 """
 
@@ -134,8 +134,13 @@ class Outgoing:
     options: dict[str, Any]
 
 
+#: Templates a Builder keeps (one per task and stored options); past this it starts again, so a
+#: relay that meets calls with ever new options (a countdown each) does not grow.
+TEMPLATES_MAX = 1024
+
+
 class Builder:
-    """Builds the messages of one batch; Celery's settings are read once, here."""
+    """Builds messages; Celery's settings are read once, here. A relay keeps one for its life."""
 
     def __init__(self, app: Celery) -> None:
         self.app = app
@@ -219,6 +224,8 @@ class Builder:
             )
         template = _Template(call, options, args_list, routed)
         if shareable:
+            if len(self._templates) >= TEMPLATES_MAX:
+                self._templates.clear()
             self._templates[key] = template
         return template
 

@@ -126,6 +126,7 @@ class Relay:
         self._claiming: dict[str, BaseDatabaseWrapper] = {}
         self._claimed: dict[str, tuple[list[OutboxMessage], float]] = {}
         self._claiming_unsupported: set[str] = set()
+        self._builder: Builder | None = None
         self._claiming_failed: set[str] = set()  # not ahead again until this drain is over
 
     # The loop -----------------------------------------------------------------------------
@@ -292,7 +293,11 @@ class Relay:
         # row's commit. One query, only when the alias has listed replicas.
         lsn = replicas.position(alias)
         deadline = started + lease * 0.8
-        builder = Builder(self.app)
+        builder = self._builder
+        if builder is None:
+            # Celery's settings are read once a relay, as Celery's worker reads its own: a new
+            # Builder a batch was a sixth of a woken message's path in a worker (0.16 ms).
+            builder = self._builder = Builder(self.app)
         items: list[Outgoing] = []
         failed: list[tuple[OutboxMessage, BaseException]] = []
         for row in rows:
