@@ -218,12 +218,12 @@ class OutboxMessageQuerySet(models.QuerySet["OutboxMessage"]):
     def claim(self, *, limit: int, lease: float) -> list[OutboxMessage]:
         """Take up to ``limit`` due messages for ``lease`` seconds, by the database's clock.
 
-        PostgreSQL: one statement (``UPDATE … WHERE id = ANY(ARRAY(SELECT … FOR UPDATE SKIP LOCKED))
-        RETURNING``), one round trip. Elsewhere: a short transaction of two (see ``_claim``).
-        Each row comes back with ``claimed_at``, the database's time of the claim, in id order,
-        and the batch's ``claim_token``: the writes that settle the batch (``reschedule``,
-        ``record_failure``) pass it, so a sender that outlived its lease cannot touch a row
-        another sender has claimed since.
+        PostgreSQL: one statement (``UPDATE … WHERE id = ANY(ARRAY(SELECT … FOR UPDATE SKIP
+        LOCKED)) RETURNING``), one round trip. Elsewhere: a short transaction of two (see
+        ``_claim``). Each row comes back with ``claimed_at``, the database's time of the claim, in
+        id order, and the batch's ``claim_token``: the writes that settle the batch
+        (``reschedule``, ``record_failure``) pass it, so a sender that outlived its lease cannot
+        touch a row another sender has claimed since.
         """
         connection = connections[self.db]
         token = secrets.token_hex(8)
@@ -243,7 +243,8 @@ class OutboxMessageQuerySet(models.QuerySet["OutboxMessage"]):
         are read: the relay publishes a batch meanwhile, and publish signal receivers may use
         this thread's connections. The claim commits when its rows are read.
         """
-        if connection.vendor != "postgresql" or connection.Database.__name__ != "psycopg":  # type: ignore[attr-defined]
+        driver = connection.Database.__name__  # type: ignore[attr-defined]
+        if connection.vendor != "postgresql" or driver != "psycopg":  # (not psycopg 2)
             return None
         import psycopg
 
