@@ -39,6 +39,13 @@ def delivered(token: str) -> Counter[str]:
     return Counter(TaskRun.objects.filter(token=token).values_list("task_id", flat=True))
 
 
+def assert_each_sent_and_run_once(token: str, ids: list[str]) -> None:
+    """Every message of ``ids`` is marked sent, and its task ran exactly once."""
+    assert OutboxMessage.objects.filter(task_id__in=ids, status=Status.SENT).count() == len(ids)
+    wait_for(lambda: set(delivered(token)) == set(ids))
+    assert max(delivered(token).values()) == 1
+
+
 def test_committed_with_no_sender_running__relay_delivers_each_once(token, spawn) -> None:  # type: ignore[no-untyped-def]
     with transaction.atomic():
         ids = {read_item.delay(token, None, i).id for i in range(50)}
@@ -466,9 +473,7 @@ def test_loop__a_mark_that_waits_holds_the_relay_back(token, monkeypatch, ahead)
         assert out == 10  # the batch being marked, and the one after it
     else:
         assert out == 50
-    assert OutboxMessage.objects.filter(task_id__in=ids, status=Status.SENT).count() == 50
-    wait_for(lambda: set(delivered(token)) == set(ids))
-    assert max(delivered(token).values()) == 1
+    assert_each_sent_and_run_once(token, ids)
 
 
 def _claimed_ahead_supported() -> bool:
@@ -536,9 +541,7 @@ def test_loop__a_backlog_batch_is_claimed_while_the_one_before_is_published(  # 
         assert claimable == [5, 0, 0]
     else:
         assert claimable == [10, 5, 0]
-    assert OutboxMessage.objects.filter(task_id__in=ids, status=Status.SENT).count() == 15
-    wait_for(lambda: set(delivered(token)) == set(ids))
-    assert max(delivered(token).values()) == 1
+    assert_each_sent_and_run_once(token, ids)
 
 
 @pytest.mark.parametrize("way", ["handed back", "kept (unsafe)"])
@@ -634,9 +637,7 @@ def test_loop__an_error_after_the_publish_rolls_the_claim_ahead_back(token, monk
     assert failures
     assert _due_and_unlocked(ids) == 15  # the claim ahead rolled back, not leased for 60 s
     Relay(app, aliases=["default"], batch_size=5).run(once=True)
-    assert OutboxMessage.objects.filter(task_id__in=ids, status=Status.SENT).count() == 20
-    wait_for(lambda: set(delivered(token)) == set(ids))
-    assert max(delivered(token).values()) == 1
+    assert_each_sent_and_run_once(token, ids)
 
 
 @pytest.mark.usefixtures("backlog_alone")
@@ -661,9 +662,7 @@ def test_loop__a_claim_ahead_that_cannot_be_sent__claimed_as_usual_one_warning( 
     with caplog.at_level("WARNING", logger="aftercommit.relay"):
         Relay(app, aliases=["default"], batch_size=5).run(once=True)
     assert caplog.text.count("claiming the next batch ahead") == 1
-    assert OutboxMessage.objects.filter(task_id__in=ids, status=Status.SENT).count() == 20
-    wait_for(lambda: set(delivered(token)) == set(ids))
-    assert max(delivered(token).values()) == 1
+    assert_each_sent_and_run_once(token, ids)
 
 
 @pytest.mark.usefixtures("backlog_alone")
@@ -699,9 +698,7 @@ def test_loop__the_claiming_connection_cut_mid_publish__nothing_lost_or_doubled(
     assert cut
     assert "reading the batch claimed ahead" in caplog.text
     assert time.monotonic() - started < 10  # not after a lease (the lease is 60 s)
-    assert OutboxMessage.objects.filter(task_id__in=ids, status=Status.SENT).count() == 20
-    wait_for(lambda: set(delivered(token)) == set(ids))
-    assert max(delivered(token).values()) == 1
+    assert_each_sent_and_run_once(token, ids)
 
 
 @pytest.mark.parametrize(
